@@ -1,0 +1,127 @@
+"""`ddump`: the entry point, and the one place errors become messages and exit statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+
+from ddump.cli.options import Options, parse_args
+from ddump.cli.output import PcapOutput
+from ddump.cli.report import Reporter
+from ddump.cli.session import Session, SessionSettings
+from ddump.cli.tls import ContextCache, TlsFiles
+from ddump.errors import DdumpError, UsageError
+from ddump.inventory import load_inventory
+from ddump.targets import Target, parse_target, redact, unique_names
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # a target failed, or the output could not be written
+    USAGE = 2  # nothing was started
+    KILLED = 130  # a second Ctrl-C
+
+
+def collect_targets(options: Options) -> list[Target]:
+    """Targets from the URL arguments and the inventories, in the order given."""
+    targets = [parse_target(url, default_filter=options.filter) for url in options.urls]
+    for path in options.inventories:
+        for target in load_inventory(path, options.groups):
+            if target.filter is None and options.filter is not None:
+                target = parse_target_with_filter(target, options.filter)
+            targets.append(target)
+    if not targets:
+        raise UsageError("the inventory selects no targets")
+    return unique_names(targets)
+
+
+def parse_target_with_filter(target: Target, bpf: str) -> Target:
+    """The same target with `--filter` applied (the inventory gave none)."""
+    from dataclasses import replace
+    from urllib.parse import urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(target.url)
+    query = "&".join(q for q in (parts.query, urlencode({"filter": bpf})) if q)
+    return replace(target, url=urlunsplit(parts._replace(query=query)), filter=bpf)
+
+
+def check_tls(targets: list[Target], contexts: ContextCache) -> None:
+    """Load every TLS file now, so a typo fails before anything connects."""
+    for target in targets:
+        if target.url.startswith("https:"):
+            contexts.get(target.ca, target.cert, target.key)
+    if contexts.defaults.cert or contexts.defaults.key:
+        contexts.get(None, None, None)
+
+
+async def run_session(session: Session) -> bool:
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            os._exit(ExitStatus.KILLED)
+        session.stop(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return await session.run()
+
+
+def run(options: Options, reporter: Reporter) -> ExitStatus:
+    targets = collect_targets(options)
+    contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
+    check_tls(targets, contexts)
+    output = PcapOutput.open(options.write)
+    settings = SessionSettings(
+        max_delay_ns=options.max_delay_ns,
+        connect_timeout_s=options.connect_timeout_s,
+        count=options.count,
+        duration_ns=options.duration_ns,
+        reconnect=options.reconnect,
+    )
+    try:
+        session = Session(targets, contexts, output, reporter, settings)
+        failed = asyncio.run(run_session(session))
+    finally:
+        output.close()
+    return ExitStatus.ERROR if failed else ExitStatus.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ddump; returns the exit status (see ExitStatus and `ddump --help`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.CRITICAL)  # Tornado's own logs would only repeat ours
+    try:
+        options = parse_args(args)
+    except UsageError as exc:
+        print(f"ddump: {redact(str(exc))}", file=sys.stderr)
+        return ExitStatus.USAGE
+    reporter = Reporter(quiet=options.quiet, verbose=options.verbose)
+    try:
+        return run(options, reporter)
+    except UsageError as exc:
+        reporter.error(str(exc))
+        return ExitStatus.USAGE
+    except DdumpError as exc:
+        reporter.error(str(exc))
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        return ExitStatus.OK
+    except Exception as exc:
+        if options.traceback:
+            traceback.print_exc()
+        reporter.error(f"unexpected error: {type(exc).__name__}: {exc} (--traceback shows more)")
+        return ExitStatus.ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The command line, declared in one place."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from ddump import __version__
+from ddump.errors import UsageError
+
+# Spellings users of the earlier ddump type; argparse would read `-ca` as `-c a`.
+SINGLE_DASH_ALIASES = {"-ca": "--ca", "-cert": "--cert", "-key": "--key"}
+
+DESCRIPTION = """\
+Capture on many hosts at once and write one merged pcap, in timestamp order, to stdout.
+
+Each TARGET is a ddump-worker URL:
+  http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
+PORT defaults to 8475 (for https too), the path to /capture; percent-encode the filter
+(e.g. ?filter=tcp%20port%2080). Targets can also come from an inventory (-f fleet.yaml).
+Only pcap goes to stdout; messages go to stderr.
+"""
+
+EPILOG = """\
+examples:
+  ddump http://web-1 http://web-2 | tcpdump -nl -r -
+  ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
+  ddump --ca ca.pem --cert me.pem --key me.key https://ops@db-1/capture?filter=icmp
+
+exit status:
+  0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
+     closed output)
+  1  at least one target failed (the others were still merged), or the output failed
+  2  bad usage: options, URLs, inventory or TLS files; nothing was started
+  130  a second Ctrl-C ended ddump at once
+"""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The parsed command line."""
+
+    urls: tuple[str, ...]
+    inventories: tuple[str, ...]
+    groups: tuple[str, ...]
+    filter: str | None
+    write: str
+    count: int | None
+    duration_ns: int | None
+    max_delay_ns: int
+    connect_timeout_s: float
+    reconnect: bool
+    ca: str | None
+    cert: str | None
+    key: str | None
+    quiet: bool
+    verbose: bool
+    traceback: bool
+
+
+def parse_seconds(text: str) -> int:
+    """'0.25', '250ms', '2s', '1m' -> integer nanoseconds (no float rounding)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ns|us|ms|s|m)?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 0.5, 250ms, 2s, 1m)")
+    try:
+        value = Decimal(match.group(1))
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from None
+    scale = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+    return int(value * scale[match.group(2) or "s"])
+
+
+def _positive_seconds(text: str) -> int:
+    value = parse_seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see ddump --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ddump",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("urls", nargs="*", metavar="TARGET", help="worker URL (see above)")
+
+    targets = parser.add_argument_group("targets")
+    targets.add_argument(
+        "-f",
+        "--inventory",
+        action="append",
+        default=[],
+        metavar="FLEET.yaml",
+        help="read targets from a YAML inventory (repeatable; see configs/fleet.yaml)",
+    )
+    targets.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only the inventory's targets in group NAME (repeatable, or NAME,NAME)",
+    )
+    targets.add_argument(
+        "--filter", metavar="BPF", help="capture filter for targets that do not give one"
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "-w", dest="write", default="-", metavar="FILE", help="write the pcap to FILE (- = stdout)"
+    )
+    output.add_argument(
+        "-c", dest="count", type=_positive_int, metavar="COUNT", help="stop after COUNT packets"
+    )
+    output.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="stop after this long (e.g. 30, 90s, 5m)",
+    )
+    output.add_argument(
+        "--max-delay",
+        type=_positive_seconds,
+        default=parse_seconds("250ms"),
+        metavar="SECONDS",
+        help="longest time a quiet target may hold back the others' packets; packets that "
+        "arrive later than this are still written, out of place, and counted as late "
+        "(default 250ms)",
+    )
+
+    connection = parser.add_argument_group("connection")
+    connection.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=parse_seconds("10s"),
+        metavar="SECONDS",
+        help="give up on a target that does not connect within this (default 10s)",
+    )
+    connection.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="retry a target that fails or ends, with backoff (1 s doubling to 30 s)",
+    )
+
+    tls = parser.add_argument_group(
+        "TLS (verification is always on; default trust roots: SSL_CERT_FILE/SSL_CERT_DIR, "
+        "else the system store, else certifi)"
+    )
+    tls.add_argument("--ca", metavar="FILE", help="trust only these CA certificates (PEM)")
+    tls.add_argument("--cert", metavar="FILE", help="client certificate chain for mutual TLS (PEM)")
+    tls.add_argument("--key", metavar="FILE", help="private key of --cert (PEM)")
+
+    messages = parser.add_argument_group("messages (all on stderr)")
+    messages.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    messages.add_argument("-v", "--verbose", action="store_true", help="more detail")
+    messages.add_argument(
+        "--traceback", action="store_true", help="show the traceback of unexpected errors"
+    )
+    messages.add_argument("--version", action="version", version=f"ddump {__version__}")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Parse argv (without the program name)."""
+    argv = [SINGLE_DASH_ALIASES.get(arg, arg) for arg in argv]
+    ns = build_parser().parse_args(argv)
+    if not ns.urls and not ns.inventory:
+        raise UsageError("no targets: give worker URLs or -f FLEET.yaml (see ddump --help)")
+    groups = tuple(g.strip() for arg in ns.group for g in arg.split(",") if g.strip())
+    if groups and not ns.inventory:
+        raise UsageError("--group selects inventory groups: it needs -f FLEET.yaml")
+    return Options(
+        urls=tuple(ns.urls),
+        inventories=tuple(ns.inventory),
+        groups=groups,
+        filter=ns.filter,
+        write=ns.write,
+        count=ns.count,
+        duration_ns=ns.duration,
+        max_delay_ns=ns.max_delay,
+        connect_timeout_s=ns.connect_timeout / 1e9,
+        reconnect=ns.reconnect,
+        ca=ns.ca,
+        cert=ns.cert,
+        key=ns.key,
+        quiet=ns.quiet,
+        verbose=ns.verbose,
+        traceback=ns.traceback,
+    )

@@ -1,0 +1,181 @@
+"""The one pcap we write: a global header once, then only whole records.
+
+Pipes are written without blocking the event loop: what the reader has not taken yet waits in
+a buffer, and past a high-water mark the streams stop reading (their `data_received` awaits
+`drained()`), so a slow reader slows the workers instead of growing our memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import stat
+
+from ddump.errors import DdumpError
+from ddump.pcap import DEFAULT_SNAPLEN, PcapHeader, Record, encode_records
+
+HIGH_WATER = 4 * 1024 * 1024
+
+
+class OutputClosed(DdumpError):
+    """The reader went away (`| head`, `| tcpdump -c 5`): a quiet, normal end."""
+
+
+class PcapOutput:
+    """Writes a nanosecond, little-endian pcap to a file descriptor."""
+
+    def __init__(self, fd: int, *, close_fd: bool = False) -> None:
+        self.fd = fd
+        self.close_fd = close_fd
+        self.linktype: int | None = None
+        self.records = 0
+        self.bytes = 0
+        self._header_written = False
+        self._pending = bytearray()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        mode = os.fstat(fd).st_mode
+        self._pollable = not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
+        self._was_blocking = os.get_blocking(fd)
+        if self._pollable:
+            os.set_blocking(fd, False)
+        self._writer_registered = False
+
+    @classmethod
+    def open(cls, path: str) -> PcapOutput:
+        """`-` is stdout; anything else is a file created or truncated."""
+        if path == "-":
+            if os.isatty(1):
+                raise DdumpError(
+                    "stdout is a terminal: pipe the capture into a reader "
+                    "(ddump ... | tcpdump -nl -r -) or write it to a file with -w FILE"
+                )
+            return cls(1)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DdumpError(f"cannot write {path}: {exc.strerror}") from None
+        return cls(fd, close_fd=True)
+
+    def write(self, records: list[Record]) -> None:
+        """Queue whole records (with the global header before the first)."""
+        if not records:
+            return
+        if not self._header_written:
+            self._write_header()
+        data = encode_records(records)
+        self.records += len(records)
+        self.bytes += len(data)
+        self._send(data)
+
+    def finish(self) -> None:
+        """Make sure the output is a valid pcap, even if no packet came."""
+        if not self._header_written:
+            self._write_header()
+
+    def _write_header(self) -> None:
+        self._header_written = True
+        linktype = self.linktype if self.linktype is not None else 276
+        self._send(PcapHeader(linktype=linktype, snaplen=DEFAULT_SNAPLEN).to_bytes())
+
+    def _send(self, data: bytes) -> None:
+        if self._closed:
+            raise OutputClosed("output closed")
+        if self._pending:
+            self._pending += data
+            return
+        written = self._os_write(data)
+        if written < len(data):
+            self._pending += data[written:]
+            self._watch_writable()
+
+    def _os_write(self, data: bytes | bytearray) -> int:
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except BrokenPipeError:
+            self._closed = True
+            raise OutputClosed("output closed") from None
+        except OSError as exc:
+            self._closed = True
+            raise DdumpError(f"cannot write the capture: {exc.strerror}") from None
+
+    def _watch_writable(self) -> None:
+        if not self._writer_registered:
+            asyncio.get_running_loop().add_writer(self.fd, self._on_writable)
+            self._writer_registered = True
+
+    def _on_writable(self) -> None:
+        try:
+            written = self._os_write(self._pending)
+        except DdumpError:
+            self._pending.clear()
+            self._stop_watching()
+            self._wake(closed=True)
+            return
+        del self._pending[:written]
+        if not self._pending:
+            self._stop_watching()
+        if len(self._pending) < HIGH_WATER:
+            self._wake()
+
+    def _stop_watching(self) -> None:
+        if self._writer_registered:
+            asyncio.get_running_loop().remove_writer(self.fd)
+            self._writer_registered = False
+
+    def _wake(self, closed: bool = False) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def drained(self) -> asyncio.Future[None] | None:
+        """A future to await before reading more input, or None when there is room."""
+        if len(self._pending) < HIGH_WATER or self._closed:
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def reader_gone(self) -> bool:
+        """True when the pipe's reader has exited, even if we have nothing to write yet."""
+        if self._closed:
+            return True
+        if not self._pollable:
+            return False
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        for _, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP):
+                self._closed = True
+        return self._closed
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until everything queued has been written."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._pending and not self._closed and loop.time() < deadline:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, 0.05)
+
+    def close(self) -> None:
+        self._stop_watching()
+        if self._pollable:
+            with contextlib.suppress(OSError):
+                os.set_blocking(self.fd, self._was_blocking)
+        if self.close_fd:
+            os.close(self.fd)

@@ -1,0 +1,76 @@
+"""Everything ddump tells the user, on stderr: events, a live status line, the summary."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from ddump.targets import redact
+
+
+@dataclass
+class TargetCounts:
+    """Per-target figures for the status line and the summary."""
+
+    name: str
+    state: str = "connecting"  # connecting, capturing, retrying, ended, failed, stopped
+    packets: int = 0
+    bytes: int = 0
+    late: int = 0
+    error: str = ""
+
+
+class Reporter:
+    """One line per event; a status line that redraws in place when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO = sys.stderr, *, quiet: bool, verbose: bool) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.verbose = verbose
+        self.live = stream.isatty() and not quiet
+        self._status_shown = False
+
+    def _line(self, text: str) -> None:
+        self.clear_status()
+        self.stream.write(redact(text) + "\n")
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self._line(f"ddump: {text}")
+
+    def detail(self, text: str) -> None:
+        if self.verbose and not self.quiet:
+            self._line(f"ddump: {text}")
+
+    def warn(self, text: str) -> None:
+        self._line(f"ddump: warning: {text}")
+
+    def error(self, text: str) -> None:
+        self._line(f"ddump: {text}")
+
+    def status(self, text: str) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K" + redact(text))
+            self.stream.flush()
+            self._status_shown = True
+
+    def clear_status(self) -> None:
+        if self._status_shown:
+            self.stream.write("\r\x1b[K")
+            self._status_shown = False
+
+    def summary(self, counts: list[TargetCounts], written: int, late: int) -> None:
+        if self.quiet:
+            return
+        width = max((len(c.name) for c in counts), default=0)
+        lines = [f"ddump: {written} packets written" + (f", {late} of them late" if late else "")]
+        for c in counts:
+            what = f"{c.packets} packets, {c.bytes} bytes"
+            if c.late:
+                what += f", {c.late} late"
+            state = c.state + (f": {c.error}" if c.error else "")
+            lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
+        for line in lines:
+            self._line(line)

@@ -1,0 +1,283 @@
+"""A capture session: every target streamed at once, merged live into one pcap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddump.cli.output import OutputClosed, PcapOutput
+from ddump.cli.report import Reporter, TargetCounts
+from ddump.cli.stream import CaptureStream, Opened, StreamFailure
+from ddump.cli.tls import ContextCache
+from ddump.errors import DdumpError, PcapFormatError
+from ddump.merge import Merger
+from ddump.pcap import (
+    LINKTYPE_LINUX_SLL,
+    LINKTYPE_LINUX_SLL2,
+    PcapStreamParser,
+    Record,
+    can_convert,
+    convert_records,
+    linktype_name,
+)
+from ddump.targets import Target
+
+TICK_S = 0.02
+STATUS_EVERY_S = 1.0
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    max_delay_ns: int
+    connect_timeout_s: float
+    count: int | None = None
+    duration_ns: int | None = None
+    reconnect: bool = False
+
+
+@dataclass
+class _Run:
+    """One target during the session."""
+
+    index: int
+    target: Target
+    counts: TargetCounts
+    parser: PcapStreamParser = field(default_factory=PcapStreamParser)
+    stream: CaptureStream | None = None
+    linktype: int | None = None
+    failed: bool = False
+
+
+class Session:
+    """Streams every target, merges, writes; `run()` returns whether any target failed."""
+
+    def __init__(
+        self,
+        targets: list[Target],
+        contexts: ContextCache,
+        output: PcapOutput,
+        reporter: Reporter,
+        settings: SessionSettings,
+    ) -> None:
+        self.contexts = contexts
+        self.output = output
+        self.reporter = reporter
+        self.settings = settings
+        self.merger = Merger()
+        self.runs = [_Run(self.merger.add_stream(t.name), t, TargetCounts(t.name)) for t in targets]
+        self.stopping = False
+        self.stop_reason = ""
+        self._stop_event = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.fatal: DdumpError | None = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> bool:
+        """Capture until every stream ends or `stop()`; True when some target failed."""
+        streams = [
+            self._spawn(self._stream_target(r), f"stream {r.target.name}") for r in self.runs
+        ]
+        ticker = self._spawn(self._tick(), "ticker")
+        if self.settings.duration_ns is not None:
+            asyncio.get_running_loop().call_later(
+                self.settings.duration_ns / 1e9, self.stop, "duration reached"
+            )
+        await asyncio.gather(*streams)
+        ticker.cancel()
+        if not self.output.closed:
+            try:
+                self._write(self.merger.drain())
+                self.output.finish()
+                await self.output.flush()
+            except OutputClosed:
+                pass
+        self.reporter.clear_status()
+        late = sum(s.late for s in self.merger.streams)
+        for r in self.runs:
+            r.counts.late = self.merger.streams[r.index].late
+        self.reporter.summary([r.counts for r in self.runs], self.output.records, late)
+        if self.fatal is not None:
+            raise self.fatal
+        return any(r.failed for r in self.runs)
+
+    def stop(self, reason: str) -> None:
+        """End the session: close every stream (the workers stop their tcpdump)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        self.reporter.detail(f"stopping: {reason}")
+        self._stop_event.set()
+        for r in self.runs:
+            if r.stream is not None:
+                r.stream.close()
+
+    async def _stream_target(self, run: _Run) -> None:
+        backoff = BACKOFF_FIRST_S
+        while not self.stopping:
+            run.parser = PcapStreamParser()
+            run.linktype = None
+            context = None
+            if run.target.url.startswith("https:"):
+                context = self.contexts.get(run.target.ca, run.target.cert, run.target.key)
+            run.stream = CaptureStream(run.target, context, self.settings.connect_timeout_s)
+            try:
+                await run.stream.run(
+                    lambda opened: self._on_opened(run, opened),
+                    lambda chunk: self._on_data(run, chunk),
+                )
+                if self.stopping:
+                    break
+                self._end_of_body(run)
+                run.counts.state = "ended"
+                self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
+                break
+            except StreamFailure as exc:
+                if self.stopping and not run.failed:
+                    break
+                run.failed = True
+                self.merger.start_stream(run.index)
+                run.counts.state = "failed"
+                run.counts.error = str(exc)
+                self.reporter.error(f"{run.target.name}: {exc}")
+            if not self.settings.reconnect or self.stopping:
+                break
+            run.counts.state = "retrying"
+            self.reporter.info(f"{run.target.name}: retrying in {backoff:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        if self.stopping and run.counts.state in ("capturing", "connecting", "retrying"):
+            run.counts.state = "stopped"
+        self.merger.end_stream(run.index)
+        self._release()
+        if all(s.live is False for s in self.merger.streams):
+            self._stop_event.set()
+
+    def _on_opened(self, run: _Run, opened: Opened) -> None:
+        run.counts.state = "capturing"
+        run.failed = False
+        run.counts.error = ""
+        offset = opened.clock_offset_ns
+        self.merger.start_stream(run.index, offset or 0)
+        note = ""
+        if offset is not None:
+            note = f", clock offset {offset / 1e6:+.1f} ms"
+            if abs(offset) > self.settings.max_delay_ns:
+                self.reporter.warn(
+                    f"{run.target.name}: its clock is {abs(offset) / 1e9:.3f} s "
+                    f"{'ahead of' if offset > 0 else 'behind'} this host, more than --max-delay "
+                    f"({self.settings.max_delay_ns / 1e9:g} s): synchronize clocks (NTP) or "
+                    "raise --max-delay, or its packets will be written late"
+                )
+        what = f"filter {run.target.filter!r}" if run.target.filter else "no filter"
+        self.reporter.info(f"{run.target.name}: capturing ({what}{note})")
+
+    def _on_data(self, run: _Run, chunk: bytes) -> Awaitable[None] | None:
+        try:
+            records = run.parser.feed(chunk)
+        except PcapFormatError as exc:
+            raise StreamFailure(f"not a pcap stream: {exc}") from None
+        run.counts.bytes += len(chunk)
+        if run.linktype is None and run.parser.header is not None:
+            run.linktype = run.parser.header.linktype
+        if not records or self.stopping:
+            return self.output.drained()
+        run.counts.packets += len(records)
+        records = self._to_output_linktype(run, records)
+        try:
+            self._write(self.merger.push(run.index, records))
+        except OutputClosed:
+            self.stop("output closed")
+            return None
+        self._release()
+        return self.output.drained()
+
+    def _to_output_linktype(self, run: _Run, records: list[Record]) -> list[Record]:
+        assert run.linktype is not None
+        if self.output.linktype is None:
+            self.output.linktype = self._choose_linktype()
+        out = self.output.linktype
+        if run.linktype == out:
+            return records
+        if not can_convert(run.linktype, out):
+            first = next(r for r in self.runs if r.linktype == out)
+            raise StreamFailure(
+                f"its link type {linktype_name(run.linktype)} cannot be merged into the output's "
+                f"{linktype_name(out)} (from {first.target.name}): capture it separately"
+            )
+        return convert_records(records, run.linktype, out)
+
+    def _choose_linktype(self) -> int:
+        # SLL2 is a superset of SLL (it adds the interface index), so mixed fleets become SLL2
+        # without losing anything; otherwise the first connected target decides.
+        known = [r.linktype for r in self.runs if r.linktype is not None]
+        if LINKTYPE_LINUX_SLL2 in known and LINKTYPE_LINUX_SLL in known:
+            return LINKTYPE_LINUX_SLL2
+        return known[0]
+
+    def _end_of_body(self, run: _Run) -> None:
+        try:
+            run.parser.close()
+        except PcapFormatError as exc:
+            raise StreamFailure(f"stream cut: {exc}") from None
+        if run.parser.header is None:
+            raise StreamFailure("the response ended before a pcap header")
+
+    def _release(self) -> None:
+        if self.output.closed:
+            return
+        mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
+        try:
+            self._write(self.merger.release(mark))
+        except OutputClosed:
+            self.stop("output closed")
+        except DdumpError as exc:
+            self.fatal = exc
+            self.stop(str(exc))
+
+    def _write(self, records: list[Record]) -> None:
+        if not records:
+            return
+        count = self.settings.count
+        if count is not None:
+            room = count - self.output.records
+            if room <= 0:
+                return
+            if len(records) >= room:
+                self.output.write(records[:room])
+                self.stop(f"{count} packets written (-c)")
+                return
+        self.output.write(records)
+
+    async def _tick(self) -> None:
+        next_status = 0.0
+        last_packets = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._release()
+            if self.output.reader_gone():
+                self.stop("output closed")
+            now = loop.time()
+            if self.reporter.live and now >= next_status:
+                packets = self.output.records
+                rate = (packets - last_packets) / STATUS_EVERY_S if next_status else 0.0
+                last_packets = packets
+                next_status = now + STATUS_EVERY_S
+                capturing = sum(r.counts.state == "capturing" for r in self.runs)
+                self.reporter.status(
+                    f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
+                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
+                )

@@ -1,0 +1,293 @@
+"""One target's capture stream: an HTTP(S) GET whose chunked body is a live pcap.
+
+Tornado's HTTP client is built for finite bodies: a 100 MB body limit even when streaming, a
+20 s request timeout, queueing after `max_clients`, no way to cancel an idle request, and (since
+Tornado 6.5) chunks coalesced up to `chunk_size` before they are delivered, which would hold a
+quiet stream's packets indefinitely. A live capture needs the opposite, so this module speaks
+the little HTTP/1.1 it needs over a Tornado IOStream: every chunk is handed on as soon as it
+arrives, the next read waits until the consumer is ready (backpressure), and `close()` works at
+any moment, which makes the worker stop its tcpdump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from tornado import httputil, iostream
+from tornado.tcpclient import TCPClient
+
+from ddump import __version__
+from ddump.targets import Target
+
+PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
+CLOCK_HEADER = "X-Ddump-Clock"
+ERROR_BODY_LIMIT = 4096
+READ_SIZE = 256 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+# The worker answers once tcpdump is listening, which takes a moment after the connection.
+HEADER_GRACE_S = 10.0
+
+
+class StreamFailure(Exception):
+    """The stream failed; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What the response headers told us."""
+
+    clock_offset_ns: int | None  # worker clock minus ours, when the worker sent its clock
+    content_type: str
+
+
+DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
+OpenedCallback = Callable[[Opened], None]
+
+
+@dataclass
+class _Response:
+    code: int = 0
+    reason: str = ""
+    error_body: bytes = b""
+    finished: bool = False
+
+
+class CaptureStream:
+    """Connects to one target and feeds its body to callbacks until it ends or is closed."""
+
+    def __init__(
+        self,
+        target: Target,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout_s: float,
+    ) -> None:
+        self.target = target
+        self.ssl_context = ssl_context
+        self.connect_timeout_s = connect_timeout_s
+        self._stream: iostream.IOStream | None = None
+        self._closing = False
+
+    async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
+        """Stream the capture; return when the worker ends it, raise StreamFailure otherwise.
+
+        Returns quietly too when `close()` was called.
+        """
+        parts = urlsplit(self.target.url)
+        tls = parts.scheme == "https"
+        stream = await self._connect(parts.hostname or "", parts.port or 0, tls)
+        if stream is None:
+            return
+        response = _Response()
+        try:
+            await stream.write(self._request(parts.netloc.rsplit("@", 1)[-1]))
+            await self._read_response(stream, response, on_opened, on_data)
+        except iostream.StreamClosedError as exc:
+            if self._closing:
+                return
+            raise StreamFailure(_closed_reason(exc, response, tls)) from None
+        except TimeoutError:
+            raise StreamFailure(
+                f"no response within {self.connect_timeout_s + HEADER_GRACE_S:g} s"
+                + (" (is the target https?)" if not tls else "")
+            ) from None
+        finally:
+            stream.close()
+        if self._closing:
+            return
+        if response.code != 200:
+            raise StreamFailure(_http_error(response))
+
+    def close(self) -> None:
+        """Stop streaming now (the worker sees the connection close and stops tcpdump)."""
+        self._closing = True
+        if self._stream is not None:
+            self._stream.close()
+
+    async def _connect(self, host: str, port: int, tls: bool) -> iostream.IOStream | None:
+        try:
+            stream = await TCPClient().connect(
+                host,
+                port,
+                ssl_options=self.ssl_context if tls else None,
+                timeout=self.connect_timeout_s,
+                max_buffer_size=4 * READ_SIZE + MAX_HEADER_BYTES,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise StreamFailure(f"TLS certificate not trusted: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise StreamFailure(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+        except TimeoutError:
+            raise StreamFailure(
+                f"no connection within {self.connect_timeout_s:g} s (--connect-timeout)"
+            ) from None
+        except OSError as exc:
+            raise StreamFailure(_connect_error(exc)) from None
+        if self._closing:
+            stream.close()
+            return None
+        stream.set_nodelay(True)
+        self._stream = stream
+        return stream
+
+    def _request(self, host_header: str) -> bytes:
+        lines = [
+            f"GET {_path_and_query(self.target.url)} HTTP/1.1",
+            f"Host: {host_header}",
+            f"User-Agent: ddump/{__version__}",
+            f"Accept: {PCAP_CONTENT_TYPE}",
+            "Connection: close",
+        ]
+        if self.target.username is not None:
+            secret = f"{self.target.username}:{self.target.password or ''}".encode()
+            lines.append("Authorization: Basic " + base64.b64encode(secret).decode("ascii"))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+    async def _read_response(
+        self,
+        stream: iostream.IOStream,
+        response: _Response,
+        on_opened: OpenedCallback,
+        on_data: DataCallback,
+    ) -> None:
+        head = await asyncio.wait_for(
+            stream.read_until_regex(b"\r?\n\r?\n", max_bytes=MAX_HEADER_BYTES),
+            self.connect_timeout_s + HEADER_GRACE_S,
+        )
+        received_ns = time.time_ns()
+        first, _, rest = head.decode("latin-1").partition("\n")
+        try:
+            start = httputil.parse_response_start_line(first.strip())
+        except httputil.HTTPInputError:
+            raise StreamFailure(f"not an HTTP response: {first.strip()[:80]!r}") from None
+        headers = httputil.HTTPHeaders.parse(rest)
+        response.code, response.reason = start.code, start.reason
+        if response.code == 200:
+            clock = headers.get(CLOCK_HEADER, "")
+            offset = int(clock) - received_ns if clock.isdigit() else None
+            on_opened(Opened(offset, headers.get("Content-Type", "")))
+            deliver = on_data
+        else:
+
+            def deliver(chunk: bytes) -> None:
+                if len(response.error_body) < ERROR_BODY_LIMIT:
+                    response.error_body += chunk[: ERROR_BODY_LIMIT - len(response.error_body)]
+
+        encoding = headers.get("Transfer-Encoding", "").lower()
+        if "chunked" in encoding:
+            await _read_chunked(stream, deliver)
+        elif "Content-Length" in headers:
+            await _read_length(stream, int(headers["Content-Length"]), deliver)
+        else:
+            await _read_until_close(stream, deliver)
+        response.finished = True
+
+
+async def _pass(result: Awaitable[None] | None) -> None:
+    if result is not None:
+        await result
+
+
+async def _read_chunked(stream: iostream.IOStream, deliver: DataCallback) -> None:
+    while True:
+        line = await stream.read_until(b"\r\n", max_bytes=128)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise StreamFailure(f"malformed chunked body (chunk size {line[:20]!r})") from None
+        if size == 0:
+            return
+        await _read_length(stream, size, deliver)
+        if await stream.read_bytes(2) != b"\r\n":
+            raise StreamFailure("malformed chunked body (a chunk does not end with CRLF)")
+
+
+async def _read_length(stream: iostream.IOStream, size: int, deliver: DataCallback) -> None:
+    while size > 0:
+        chunk = await stream.read_bytes(min(size, READ_SIZE), partial=True)
+        size -= len(chunk)
+        await _pass(deliver(chunk))
+
+
+async def _read_until_close(stream: iostream.IOStream, deliver: DataCallback) -> None:
+    while True:
+        try:
+            chunk = await stream.read_bytes(READ_SIZE, partial=True)
+        except iostream.StreamClosedError:
+            return
+        await _pass(deliver(chunk))
+
+
+def _path_and_query(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _http_error(response: _Response) -> str:
+    text = response.error_body.decode("utf-8", "replace").strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if first.lstrip().startswith("<"):
+        first = _html_title(text) or first
+    status = f"HTTP {response.code} {response.reason}".rstrip()
+    hint = {
+        401: "authentication failed: check the user and password",
+        403: "forbidden: the proxy refused this client (certificate or address)",
+        404: "not found: is the path right (default /capture)?",
+        400: "the worker refused the request",
+        503: "the worker cannot capture now",
+    }.get(response.code, "")
+    parts = [status]
+    if hint:
+        parts.append(hint)
+    if first:
+        parts.append(first[:300])
+    return ": ".join(parts)
+
+
+def _html_title(text: str) -> str:
+    lower = text.lower()
+    start, end = lower.find("<title>"), lower.find("</title>")
+    if start == -1 or end <= start:
+        return ""
+    return text[start + len("<title>") : end].strip()
+
+
+def _connect_error(exc: OSError) -> str:
+    if isinstance(exc, iostream.StreamClosedError) and isinstance(exc.real_error, OSError):
+        exc = exc.real_error
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is ddump-worker running and listening on that port?)"
+    name = type(exc).__name__
+    if name == "gaierror" or "Name or service not known" in str(exc):
+        return f"cannot resolve host name ({exc.strerror or exc})"
+    return f"cannot connect: {exc.strerror or exc}"
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    reason = exc.reason or str(exc)
+    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
+        return f"{reason} (does the server require a client certificate? use --cert and --key)"
+    if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
+        return f"{reason} (the server rejected our client certificate)"
+    if "WRONG_VERSION_NUMBER" in reason:
+        return f"{reason} (is the target plain http?)"
+    return reason
+
+
+def _closed_reason(exc: iostream.StreamClosedError, response: _Response, tls: bool) -> str:
+    real = exc.real_error
+    if isinstance(real, ssl.SSLError):
+        return f"TLS failure: {_ssl_reason(real)}"
+    if response.code == 0:
+        hint = (
+            " (TLS: the server may require a client certificate, --cert/--key, or refuse ours)"
+            if tls
+            else ""
+        )
+        return "connection closed before any response" + (f" ({real})" if real else hint)
+    return "connection lost mid-stream" + (f" ({real})" if real else "")

@@ -1,0 +1,24 @@
+"""The one exception hierarchy: every user-facing failure is a DdumpError."""
+
+from __future__ import annotations
+
+
+class DdumpError(Exception):
+    """A failure to report to the user as `prog: message`, without a traceback."""
+
+
+class UsageError(DdumpError):
+    """Bad command line, URL or inventory: nothing was started."""
+
+
+class TargetError(DdumpError):
+    """A failure that belongs to one target; `target` is its redacted name."""
+
+    def __init__(self, target: str, message: str) -> None:
+        super().__init__(f"{target}: {message}")
+        self.target = target
+        self.detail = message
+
+
+class PcapFormatError(DdumpError):
+    """Bytes that are not a pcap stream, or a record that cannot be valid."""

@@ -1,0 +1,135 @@
+"""The merge engine: records from many streams, released in timestamp order up to a watermark.
+
+Pure code: the caller feeds parsed records and the time, and writes what comes back.
+
+Each stream promises nothing about the future except through its *low-water mark*: the newest
+timestamp it has sent (a stream is in capture order), or, when it is idle, the worker's clock
+minus the allowed delay. Everything at or below the minimum mark of the live streams can be
+written. Work is done per batch, not per record: a pushed batch is sorted once (Timsort makes
+an already-sorted list one linear pass in C), released prefixes are cut with one bisect, and the
+released runs of all streams are merged by one stable sort, which keeps ties in stream order.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass
+from operator import itemgetter
+
+from ddump.pcap import Record
+
+_TS = itemgetter(0)
+FOREVER = 2**63
+
+
+@dataclass
+class StreamState:
+    """What the merger knows of one stream."""
+
+    name: str
+    live: bool = True
+    started: bool = False  # its first connection attempt has answered (or failed)
+    clock_offset_ns: int = 0  # worker clock minus ours
+    newest_ns: int = -1  # newest timestamp pushed
+    pushed: int = 0
+    late: int = 0
+
+
+class Merger:
+    """Buffers records of many streams and releases them in timestamp order."""
+
+    def __init__(self) -> None:
+        self.streams: list[StreamState] = []
+        self._pending: list[list[Record]] = []
+        self._unsorted: list[bool] = []
+        self.written_ns = -1  # timestamp of the newest record released
+        self.buffered = 0
+
+    def add_stream(self, name: str) -> int:
+        """Register a stream; its index orders ties between streams."""
+        self.streams.append(StreamState(name))
+        self._pending.append([])
+        self._unsorted.append(False)
+        return len(self.streams) - 1
+
+    def start_stream(self, stream: int, clock_offset_ns: int = 0) -> None:
+        """The stream's capture has started (or its first attempt failed).
+
+        Until then nothing is released: a stream that is still connecting could send records
+        from any time, and we do not know its clock yet. The connect timeout bounds this wait.
+        """
+        state = self.streams[stream]
+        state.started = True
+        state.clock_offset_ns = clock_offset_ns
+
+    def end_stream(self, stream: int) -> None:
+        """The stream will send nothing more: it no longer holds the others back."""
+        self.streams[stream].live = False
+
+    def push(self, stream: int, records: list[Record]) -> list[Record]:
+        """Buffer a batch; return its records that are already late, to be written at once.
+
+        A late record has a timestamp below one already written: it is never dropped, but it
+        cannot be put in its place any more.
+        """
+        if not records:
+            return []
+        state = self.streams[stream]
+        records.sort(key=_TS)
+        state.pushed += len(records)
+        late: list[Record] = []
+        if records[0][0] < self.written_ns:
+            cut = bisect_right(records, self.written_ns - 1, key=_TS)
+            late = records[:cut]
+            records = records[cut:]
+            state.late += len(late)
+        if records:
+            pending = self._pending[stream]
+            if pending and records[0][0] < pending[-1][0]:
+                self._unsorted[stream] = True
+            pending.extend(records)
+            self.buffered += len(records)
+            state.newest_ns = max(state.newest_ns, records[-1][0])
+        return late
+
+    def watermark(self, now_ns: int, max_delay_ns: int) -> int:
+        """The newest timestamp that every live stream has moved past (FOREVER if none is live)."""
+        mark = FOREVER
+        idle_mark = now_ns - max_delay_ns
+        for state in self.streams:
+            if state.live and not state.started:
+                return -1
+            if state.live:
+                mark = min(mark, max(state.newest_ns, idle_mark + state.clock_offset_ns))
+        return mark
+
+    def release(self, watermark: int) -> list[Record]:
+        """Take every buffered record with a timestamp at or below `watermark`, in order."""
+        if not self.buffered:
+            return []
+        runs = 0
+        out: list[Record] = []
+        for index, pending in enumerate(self._pending):
+            if not pending or pending[0][0] > watermark:
+                continue
+            if self._unsorted[index]:
+                pending.sort(key=_TS)
+                self._unsorted[index] = False
+            if pending[-1][0] <= watermark:
+                out.extend(pending)
+                pending.clear()
+            else:
+                cut = bisect_right(pending, watermark, key=_TS)
+                out.extend(pending[:cut])
+                del pending[:cut]
+            runs += 1
+        if runs > 1:
+            out.sort(key=_TS)
+        if out:
+            self.buffered -= len(out)
+            self.written_ns = max(self.written_ns, out[-1][0])
+        return out
+
+    def drain(self) -> list[Record]:
+        """Everything still buffered, in order (at the end of the capture)."""
+        return self.release(FOREVER)

@@ -1,0 +1,323 @@
+"""The ddump CLI end to end against scripted HTTP(S) workers: merge, failures, TLS, auth."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ddump.pcap import LINKTYPE_LINUX_SLL, PcapHeader, PcapStreamParser
+from tests.certs import Pki, make_pki
+from tests.fake_worker import FakeWorker, Script, fake_workers, pcap_stream, sll2_packet
+
+T0 = time.time_ns() // 1000 * 1000  # close to now, as live streams are; whole microseconds
+
+
+@dataclass
+class Result:
+    status: int
+    pcap: bytes
+    stderr: str
+
+    def records(self) -> list[tuple[int, bytes]]:
+        parser = PcapStreamParser()
+        records = parser.feed(self.pcap)
+        parser.close()
+        return records
+
+    def payloads(self) -> list[bytes]:
+        return [data[16 + 20 :] for _, data in self.records()]
+
+
+def ddump(
+    *args: str, tmp_path: Path, timeout: float = 30, env: dict[str, str] | None = None
+) -> Result:
+    out = tmp_path / "out.pcap"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ddump.cli.main", "-w", str(out), *args],
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+    pcap = out.read_bytes() if out.exists() else b""
+    return Result(proc.returncode, pcap, proc.stderr.decode())
+
+
+def numbered(host: str, stamps: list[int]) -> list[tuple[int, bytes]]:
+    return [(T0 + ts, sll2_packet(f"{host}-{i}@{ts}".encode())) for i, ts in enumerate(stamps)]
+
+
+def test_two_streams_merge_in_timestamp_order(tmp_path: Path) -> None:
+    a = pcap_stream(numbered("a", [10, 30, 50, 70]))
+    b = pcap_stream(numbered("b", [20, 40, 60, 80]))
+    with fake_workers(
+        {"/capture": Script(body=[a[:30], 0.05, a[30:]])}, {"/capture": Script(body=[b])}
+    ) as (
+        wa,
+        wb,
+    ):
+        result = ddump(wa.url(), wb.url(), tmp_path=tmp_path)
+
+    assert result.status == 0, result.stderr
+    assert [ts - T0 for ts, _ in result.records()] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert result.payloads()[:2] == [b"a-0@10", b"b-0@20"]
+    assert "ended (4 packets)" in result.stderr
+
+
+def test_output_is_read_by_tcpdump(tmp_path: Path) -> None:
+    from tests.conftest import require_tool
+
+    tcpdump = require_tool("tcpdump")
+    ip = bytes.fromhex("45000024000100004011") + b"\x00\x00" + bytes([198, 18, 0, 1, 198, 18, 0, 2])
+    udp = bytes.fromhex("303930390000") + b"\x00\x00" + b"hello!!!"
+    udp = udp[:4] + (8 + 8).to_bytes(2, "big") + udp[6:]
+    body = pcap_stream([(T0 + 5, sll2_packet(ip + udp))])
+    with fake_workers({"/capture": Script(body=[body])}) as (w,):
+        result = ddump(w.url(), tmp_path=tmp_path)
+    out = subprocess.run(
+        [tcpdump, "-nn", "-r", str(tmp_path / "out.pcap")], capture_output=True, text=True
+    )
+
+    assert result.status == 0
+    assert "198.18.0.1.12345 > 198.18.0.2.12345: UDP, length 8" in out.stdout, out
+
+
+def test_micro_big_endian_and_sll_inputs_are_merged_losslessly(tmp_path: Path) -> None:
+    sll_frame = b"\x00\x00\x00\x01\x00\x06" + b"\x02" * 8 + b"\x08\x00" + b"sll-0@7000"
+    old = pcap_stream(
+        [(T0 + 7000, sll_frame)], linktype=LINKTYPE_LINUX_SLL, nano=False, big_endian=True
+    )
+    new = pcap_stream(numbered("new", [3000, 9000]))
+    with fake_workers({"/capture": Script(body=[old])}, {"/capture": Script(body=[new])}) as (
+        wo,
+        wn,
+    ):
+        result = ddump(wo.url(), wn.url(), tmp_path=tmp_path)
+
+    header = PcapHeader.parse(result.pcap[:24])
+    assert result.status == 0, result.stderr
+    assert header.nano and header.linktype == 276
+    assert [ts - T0 for ts, _ in result.records()] == [3000, 7000, 9000]
+    assert result.payloads() == [b"new-0@3000", b"sll-0@7000", b"new-1@9000"]
+
+
+def test_failed_target_is_named_and_the_others_are_kept(tmp_path: Path) -> None:
+    good = pcap_stream(numbered("good", [1, 2, 3]))
+    bad_filter = Script(status=400, body=[b"tcpdump: syntax error in filter expression\n"])
+    with fake_workers({"/capture": Script(body=[good])}, {"/capture": bad_filter}) as (wg, wb):
+        result = ddump(wg.url(), wb.url(), tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert len(result.records()) == 3
+    assert f"127.0.0.1:{wb.port}" in result.stderr
+    assert "HTTP 400" in result.stderr and "syntax error in filter expression" in result.stderr
+
+
+def test_connection_refused_is_reported_and_output_is_a_valid_pcap(tmp_path: Path) -> None:
+    with FakeWorker({}) as w:
+        port = w.port
+    result = ddump(f"http://127.0.0.1:{port}", tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert "connection refused" in result.stderr
+    assert result.records() == []
+    assert len(result.pcap) == 24
+
+
+def test_body_that_is_not_pcap_names_what_came_back(tmp_path: Path) -> None:
+    html = Script(body=[b"<html><head><title>Welcome to nginx!</title></head></html>"])
+    with fake_workers({"/capture": html}) as (w,):
+        result = ddump(w.url(), tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert "not a pcap stream" in result.stderr and "nginx" in result.stderr
+
+
+def test_stream_cut_mid_record_keeps_whole_records(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("cut", [1, 2, 3]))
+    with fake_workers({"/capture": Script(body=[body[:-5]], end="abort")}) as (w,):
+        result = ddump(w.url(), tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert [p for p in result.payloads()] == [b"cut-0@1", b"cut-1@2"]
+    assert "mid-stream" in result.stderr or "cut" in result.stderr
+
+
+def test_idle_target_does_not_hold_back_a_busy_one(tmp_path: Path) -> None:
+    now = time.time_ns()
+    busy = pcap_stream([(now, sll2_packet(b"first"))])
+    with fake_workers(
+        {"/capture": Script(body=[busy], end="hang")},
+        {"/capture": Script(body=[pcap_stream([])], end="hang")},
+    ) as (wb, wi):
+        started = time.monotonic()
+        result = ddump("-c", "1", "--max-delay", "200ms", wb.url(), wi.url(), tmp_path=tmp_path)
+        elapsed = time.monotonic() - started
+
+    assert result.status == 0, result.stderr
+    assert result.payloads() == [b"first"]
+    assert elapsed < 10
+    assert wb.disconnects == 1 and wi.disconnects == 1
+
+
+def test_count_stops_every_stream(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("x", list(range(1, 11))))
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        result = ddump("-c", "4", w.url(), tmp_path=tmp_path)
+        deadline = time.monotonic() + 5
+        while w.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    assert result.status == 0
+    assert len(result.records()) == 4
+    assert w.disconnects == 1
+
+
+def test_bad_url_is_a_usage_error_before_connecting(tmp_path: Path) -> None:
+    result = ddump("ftp://host", tmp_path=tmp_path)
+
+    assert result.status == 2
+    assert "ftp" in result.stderr
+
+
+def test_password_is_never_printed(tmp_path: Path) -> None:
+    with fake_workers(
+        {"/capture": Script(body=[pcap_stream([])])}, basic_auth=("ops", "right")
+    ) as (w,):
+        url = w.url().replace("http://", "http://ops:s3cr3t-pw@")
+        result = ddump("-v", url, tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert "401" in result.stderr and "authentication failed" in result.stderr
+    assert "s3cr3t-pw" not in result.stderr
+
+
+def test_basic_auth_with_the_right_password_streams(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("auth", [1]))
+    with fake_workers({"/capture": Script(body=[body])}, basic_auth=("ops", "p@ss:w/rd")) as (w,):
+        url = w.url().replace("http://", "http://ops:p%40ss%3Aw%2Frd@")
+        result = ddump(url, tmp_path=tmp_path)
+
+    assert result.status == 0, result.stderr
+    assert result.payloads() == [b"auth-0@1"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def server_context(pki: Pki, *, require_client: bool) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server.cert, pki.server.key)
+    if require_client:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(pki.ca)
+    return context
+
+
+def test_https_with_ca_option_and_with_ssl_cert_file(tmp_path: Path, pki: Pki) -> None:
+    body = pcap_stream(numbered("tls", [1]))
+    with fake_workers(
+        {"/capture": Script(body=[body])}, ssl_context=server_context(pki, require_client=False)
+    ) as (w,):
+        by_flag = ddump("-ca", str(pki.ca), w.url(), tmp_path=tmp_path)
+        by_env = ddump(w.url(), tmp_path=tmp_path, env={"SSL_CERT_FILE": str(pki.ca)})
+
+    assert by_flag.status == 0, by_flag.stderr
+    assert by_env.status == 0, by_env.stderr
+    assert by_flag.payloads() == by_env.payloads() == [b"tls-0@1"]
+
+
+def test_wrong_ca_is_a_tls_error(tmp_path: Path, pki: Pki) -> None:
+    with fake_workers(
+        {"/capture": Script(body=[])}, ssl_context=server_context(pki, require_client=False)
+    ) as (w,):
+        result = ddump("--ca", str(pki.wrong_ca), w.url(), tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert "certificate" in result.stderr.lower()
+    assert result.records() == []
+
+
+def test_mutual_tls(tmp_path: Path, pki: Pki) -> None:
+    body = pcap_stream(numbered("mtls", [1]))
+    context = server_context(pki, require_client=True)
+    with fake_workers({"/capture": Script(body=[body])}, ssl_context=context) as (w,):
+        without = ddump("--ca", str(pki.ca), w.url(), tmp_path=tmp_path)
+        wrong = ddump(
+            "--ca", str(pki.ca), "--cert", str(pki.wrong_client.cert), "--key", str(pki.wrong_client.key),
+            w.url(), tmp_path=tmp_path,
+        )  # fmt: skip
+        right = ddump(
+            "--ca", str(pki.ca), "-cert", str(pki.client.cert), "-key", str(pki.client.key),
+            w.url(), tmp_path=tmp_path,
+        )  # fmt: skip
+
+    assert without.status == 1 and "TLS" in without.stderr
+    assert wrong.status == 1 and "TLS" in wrong.stderr
+    assert right.status == 0, right.stderr
+    assert right.payloads() == [b"mtls-0@1"]
+
+
+def test_cert_without_key_and_mismatched_pair_fail_before_connecting(
+    tmp_path: Path, pki: Pki
+) -> None:
+    alone = ddump("--cert", str(pki.client.cert), "https://localhost:1", tmp_path=tmp_path)
+    mismatched = ddump(
+        "--cert",
+        str(pki.client.cert),
+        "--key",
+        str(pki.server.key),
+        "https://localhost:1",
+        tmp_path=tmp_path,
+    )
+
+    assert alone.status == 2 and "--key" in alone.stderr
+    assert mismatched.status == 2 and "do not belong together" in mismatched.stderr
+
+
+def test_closed_stdout_ends_quietly_and_stops_the_streams(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("x", list(range(1, 2001))))
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        proc = subprocess.run(
+            f"{sys.executable} -m ddump.cli.main {w.url()} | head -c 1000 > /dev/null",
+            shell=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 5
+        while w.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    assert proc.returncode == 0
+    assert b"Traceback" not in proc.stderr and b"Broken pipe" not in proc.stderr
+    assert w.disconnects == 1
+
+
+def test_sigint_writes_what_is_buffered_and_exits_zero(tmp_path: Path) -> None:
+    now = time.time_ns()
+    body = pcap_stream([(now + 60 * 10**9, sll2_packet(b"future"))])  # held back until the end
+    out = tmp_path / "out.pcap"
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "-w", str(out), w.url()],
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not w.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=10)
+
+    parser = PcapStreamParser()
+    assert proc.returncode == 0, err
+    assert [d[36:] for _, d in parser.feed(out.read_bytes())] == [b"future"]

@@ -1,0 +1,146 @@
+"""The merge engine: order, completeness, bounded waiting, late records."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ddump.merge import FOREVER, Merger
+from ddump.pcap import Record
+
+MS = 1_000_000
+
+
+def rec(ts: int, tag: str = "") -> Record:
+    return (ts, f"{ts}:{tag}".encode())
+
+
+def test_release_interleaves_streams_in_timestamp_order() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.push(a, [rec(1), rec(4), rec(6)])
+    merger.push(b, [rec(2), rec(3), rec(7)])
+
+    assert [ts for ts, _ in merger.release(5)] == [1, 2, 3, 4]
+    assert [ts for ts, _ in merger.drain()] == [6, 7]
+
+
+def test_ties_keep_target_order() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.push(b, [rec(5, "b")])
+    merger.push(a, [rec(5, "a")])
+
+    assert [data for _, data in merger.drain()] == [b"5:a", b"5:b"]
+
+
+def test_nothing_is_released_while_a_stream_is_still_connecting() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.push(a, [rec(1)])
+
+    assert merger.watermark(10**18, max_delay_ns=0) == -1
+    merger.start_stream(b)
+    assert merger.watermark(10**18, max_delay_ns=0) == 10**18
+
+
+def test_busy_streams_release_up_to_the_slowest_newest_record() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    now = 1_000 * MS
+    merger.push(a, [rec(now - 3 * MS), rec(now - 1 * MS)])
+    merger.push(b, [rec(now - 2 * MS)])
+
+    mark = merger.watermark(now, max_delay_ns=250 * MS)
+
+    assert mark == now - 2 * MS
+    assert [ts for ts, _ in merger.release(mark)] == [now - 3 * MS, now - 2 * MS]
+
+
+def test_idle_target_does_not_stall_output() -> None:
+    merger = Merger()
+    busy, merger_idle = merger.add_stream("busy"), merger.add_stream("idle")
+    merger.start_stream(busy)
+    merger.start_stream(merger_idle)
+    start = 1_000 * MS
+    merger.push(busy, [rec(start + 10 * MS)])
+
+    before = merger.release(merger.watermark(start + 200 * MS, max_delay_ns=250 * MS))
+    after = merger.release(merger.watermark(start + 261 * MS, max_delay_ns=250 * MS))
+
+    assert before == []
+    assert [ts for ts, _ in after] == [start + 10 * MS]
+    assert merger.streams[merger_idle].pushed == 0
+
+
+def test_clock_offset_moves_an_idle_streams_mark() -> None:
+    merger = Merger()
+    ahead = merger.add_stream("ahead")
+    merger.start_stream(ahead, clock_offset_ns=5 * MS)
+
+    assert merger.watermark(100 * MS, max_delay_ns=10 * MS) == 95 * MS
+
+
+def test_ended_stream_no_longer_holds_output() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.push(a, [rec(50)])
+    merger.end_stream(b)
+    merger.end_stream(a)
+
+    assert merger.watermark(0, max_delay_ns=0) == FOREVER
+    assert [ts for ts, _ in merger.release(FOREVER)] == [50]
+
+
+def test_late_record_is_returned_for_immediate_write_and_counted() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.push(a, [rec(10), rec(20)])
+    assert [ts for ts, _ in merger.release(20)] == [10, 20]
+
+    late = merger.push(b, [rec(15), rec(25)])
+
+    assert [ts for ts, _ in late] == [15]
+    assert merger.streams[b].late == 1
+    assert [ts for ts, _ in merger.drain()] == [25]
+
+
+def test_out_of_order_batches_within_a_stream_are_sorted() -> None:
+    merger = Merger()
+    a = merger.add_stream("a")
+    merger.push(a, [rec(5), rec(3)])
+    merger.push(a, [rec(4), rec(9)])
+
+    assert [ts for ts, _ in merger.drain()] == [3, 4, 5, 9]
+
+
+batches = st.lists(
+    st.tuples(st.integers(0, 3), st.lists(st.integers(0, 1000), max_size=20)), max_size=30
+)
+
+
+@given(batches=batches, marks=st.lists(st.integers(0, 1000), max_size=30))
+def test_merged_output_loses_nothing_and_only_late_records_go_backwards(
+    batches: list[tuple[int, list[int]]], marks: list[int]
+) -> None:
+    merger = Merger()
+    for name in "abcd":
+        merger.add_stream(name)
+    written: list[tuple[Record, bool]] = []
+    sent: list[Record] = []
+    for i, (stream, stamps) in enumerate(batches):
+        records = [rec(ts, f"{stream}.{i}.{j}") for j, ts in enumerate(stamps)]
+        sent.extend(records)
+        written.extend((r, True) for r in merger.push(stream, records))
+        if i < len(marks):
+            written.extend((r, False) for r in merger.release(marks[i]))
+    written.extend((r, False) for r in merger.drain())
+
+    assert sorted(r for r, _ in written) == sorted(sent)
+    in_place = [r[0] for r, late in written if not late]
+    assert in_place == sorted(in_place)
+    assert sum(s.late for s in merger.streams) == sum(1 for _, late in written if late)
+    assert merger.buffered == 0
