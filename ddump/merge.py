@@ -29,6 +29,7 @@ class StreamState:
     name: str
     live: bool = True
     started: bool = False  # its first connection attempt has answered (or failed)
+    timed: bool = True  # live: the clock bounds what it can still send; a file has no clock
     clock_offset_ns: int = 0  # worker clock minus ours
     newest_ns: int = -1  # newest timestamp pushed
     pushed: int = 0
@@ -45,9 +46,12 @@ class Merger:
         self.written_ns = -1  # timestamp of the newest record released
         self.buffered = 0
 
-    def add_stream(self, name: str) -> int:
-        """Register a stream; its index orders ties between streams."""
-        self.streams.append(StreamState(name))
+    def add_stream(self, name: str, *, timed: bool = True) -> int:
+        """Register a stream; its index orders ties between streams.
+
+        An untimed stream (a file) holds the others back until it has sent a later record.
+        """
+        self.streams.append(StreamState(name, started=not timed, timed=timed))
         self._pending.append([])
         self._unsorted.append(False)
         return len(self.streams) - 1
@@ -99,7 +103,9 @@ class Merger:
         for state in self.streams:
             if state.live and not state.started:
                 return -1
-            if state.live:
+            if state.live and not state.timed:
+                mark = min(mark, state.newest_ns)
+            elif state.live:
                 mark = min(mark, max(state.newest_ns, idle_mark + state.clock_offset_ns))
         return mark
 
@@ -110,11 +116,11 @@ class Merger:
         runs = 0
         out: list[Record] = []
         for index, pending in enumerate(self._pending):
-            if not pending or pending[0][0] > watermark:
-                continue
             if self._unsorted[index]:
                 pending.sort(key=_TS)
                 self._unsorted[index] = False
+            if not pending or pending[0][0] > watermark:
+                continue
             if pending[-1][0] <= watermark:
                 out.extend(pending)
                 pending.clear()

@@ -95,6 +95,16 @@ def test_ended_stream_no_longer_holds_output() -> None:
     assert [ts for ts, _ in merger.release(FOREVER)] == [50]
 
 
+def test_untimed_streams_merge_by_timestamps_alone() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a.pcap", timed=False), merger.add_stream("b.pcap", timed=False)
+    merger.push(a, [rec(10), rec(30)])
+
+    assert merger.watermark(10**18, max_delay_ns=0) == -1
+    merger.push(b, [rec(20)])
+    assert [ts for ts, _ in merger.release(merger.watermark(10**18, max_delay_ns=0))] == [10, 20]
+
+
 def test_late_record_is_returned_for_immediate_write_and_counted() -> None:
     merger = Merger()
     a, b = merger.add_stream("a"), merger.add_stream("b")

@@ -10,7 +10,10 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from ddump.cli.files import FileSource, looks_like_file, parse_file_source
 from ddump.cli.options import Options, parse_args
 from ddump.cli.output import PcapOutput
 from ddump.cli.report import Reporter
@@ -28,33 +31,38 @@ class ExitStatus(enum.IntEnum):
     KILLED = 130  # a second Ctrl-C
 
 
-def collect_targets(options: Options) -> list[Target]:
-    """Targets from the URL arguments and the inventories, in the order given."""
-    targets = [parse_target(url, default_filter=options.filter) for url in options.urls]
+def collect_targets(options: Options) -> list[Target | FileSource]:
+    """Targets from the arguments (URLs or capture files), then the inventories, in order."""
+    sources: list[Target | FileSource] = []
+    for arg in options.urls:
+        if looks_like_file(arg):
+            sources.append(parse_file_source(arg))
+        else:
+            sources.append(parse_target(arg, default_filter=options.filter))
     for path in options.inventories:
         for target in load_inventory(path, options.groups):
             if target.filter is None and options.filter is not None:
                 target = parse_target_with_filter(target, options.filter)
-            targets.append(target)
-    if not targets:
+            sources.append(target)
+    if not sources:
         raise UsageError("the inventory selects no targets")
-    return unique_names(targets)
+    if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
+        raise UsageError("standard input (-) can be given once")
+    named = iter(unique_names([s for s in sources if isinstance(s, Target)]))
+    return [next(named) if isinstance(s, Target) else s for s in sources]
 
 
 def parse_target_with_filter(target: Target, bpf: str) -> Target:
     """The same target with `--filter` applied (the inventory gave none)."""
-    from dataclasses import replace
-    from urllib.parse import urlencode, urlsplit, urlunsplit
-
     parts = urlsplit(target.url)
-    query = "&".join(q for q in (parts.query, urlencode({"filter": bpf})) if q)
+    query = "&".join(q for q in (parts.query, "filter=" + quote(bpf, safe="")) if q)
     return replace(target, url=urlunsplit(parts._replace(query=query)), filter=bpf)
 
 
-def check_tls(targets: list[Target], contexts: ContextCache) -> None:
+def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> None:
     """Load every TLS file now, so a typo fails before anything connects."""
     for target in targets:
-        if target.url.startswith("https:"):
+        if isinstance(target, Target) and target.url.startswith("https:"):
             contexts.get(target.ca, target.cert, target.key)
     if contexts.defaults.cert or contexts.defaults.key:
         contexts.get(None, None, None)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.stream import CaptureStream, Opened, StreamFailure
@@ -46,10 +47,10 @@ class _Run:
     """One target during the session."""
 
     index: int
-    target: Target
+    target: Target | FileSource
     counts: TargetCounts
     parser: PcapStreamParser = field(default_factory=PcapStreamParser)
-    stream: CaptureStream | None = None
+    stream: CaptureStream | FileStream | None = None
     linktype: int | None = None
     failed: bool = False
 
@@ -59,7 +60,7 @@ class Session:
 
     def __init__(
         self,
-        targets: list[Target],
+        targets: list[Target | FileSource],
         contexts: ContextCache,
         output: PcapOutput,
         reporter: Reporter,
@@ -128,10 +129,7 @@ class Session:
         while not self.stopping:
             run.parser = PcapStreamParser()
             run.linktype = None
-            context = None
-            if run.target.url.startswith("https:"):
-                context = self.contexts.get(run.target.ca, run.target.cert, run.target.key)
-            run.stream = CaptureStream(run.target, context, self.settings.connect_timeout_s)
+            run.stream = self._open(run.target)
             try:
                 await run.stream.run(
                     lambda opened: self._on_opened(run, opened),
@@ -141,7 +139,8 @@ class Session:
                     break
                 self._end_of_body(run)
                 run.counts.state = "ended"
-                self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
+                if isinstance(run.target, Target):
+                    self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
                 break
             except StreamFailure as exc:
                 if self.stopping and not run.failed:
@@ -165,6 +164,14 @@ class Session:
         if all(s.live is False for s in self.merger.streams):
             self._stop_event.set()
 
+    def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
+        if isinstance(target, FileSource):
+            return FileStream(target)
+        context = None
+        if target.url.startswith("https:"):
+            context = self.contexts.get(target.ca, target.cert, target.key)
+        return CaptureStream(target, context, self.settings.connect_timeout_s)
+
     def _on_opened(self, run: _Run, opened: Opened) -> None:
         run.counts.state = "capturing"
         run.failed = False
@@ -181,6 +188,9 @@ class Session:
                     f"({self.settings.max_delay_ns / 1e9:g} s): synchronize clocks (NTP) or "
                     "raise --max-delay, or its packets will be written late"
                 )
+        if isinstance(run.target, FileSource):
+            self.reporter.detail(f"{run.target.name}: reading")
+            return
         what = f"filter {run.target.filter!r}" if run.target.filter else "no filter"
         self.reporter.info(f"{run.target.name}: capturing ({what}{note})")
 

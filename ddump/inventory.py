@@ -1,0 +1,381 @@
+"""The YAML inventory: a fleet of targets, in named groups, with shared defaults.
+
+The schema is documented in configs/fleet.yaml. Every error is a UsageError "file:line: message":
+the file is composed into nodes (not constructed into dicts) so that each value keeps its line.
+I/O: the inventory itself, password files and the environment; nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import yaml
+
+from ddump.errors import UsageError
+from ddump.targets import (
+    DEFAULT_PATH,
+    DEFAULT_PORT,
+    Endpoint,
+    Target,
+    make_target,
+    split_host_port,
+    split_url,
+    validate_host,
+    validate_path,
+    validate_port,
+    validate_scheme,
+)
+
+_STR, _INT, _OPTIONAL_STR = "a string", "an integer", "a string or null"
+# null is allowed where it means "none" (no filter, no password, ...), to undo a default.
+_DEFAULT_KEYS = {
+    "scheme": _STR,
+    "port": _INT,
+    "path": _STR,
+    "filter": _OPTIONAL_STR,
+    "username": _OPTIONAL_STR,
+    "password_env": _OPTIONAL_STR,
+    "password_file": _OPTIONAL_STR,
+    "ca": _OPTIONAL_STR,
+    "cert": _OPTIONAL_STR,
+    "key": _OPTIONAL_STR,
+}
+_TARGET_KEYS = {"name": _STR, "url": _STR, "host": _STR, **_DEFAULT_KEYS}
+_NODE = ""  # kept as a node, checked by its reader
+_TOP_KEYS = {"defaults": _NODE, "targets": _NODE, "groups": _NODE}
+_NULL_TAG = "tag:yaml.org,2002:null"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_PASSWORD_KEYS = ("password_env", "password_file")
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    value: object
+    node: yaml.Node
+
+
+_Settings = dict[str, _Setting]
+
+
+def load_inventory(
+    path: str, groups: Sequence[str] = (), *, environ: Mapping[str, str] = os.environ
+) -> list[Target]:
+    """Read an inventory; return all its targets, or only those of `groups` when given."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read the inventory: {error.strerror}") from None
+    return _Inventory(path, environ).load(data, groups)
+
+
+class _Inventory:
+    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.environ = environ
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.entries_seen: dict[int, list[tuple[str, yaml.Node, yaml.Node]]] = {}
+
+    def error(self, node: yaml.Node, message: str) -> UsageError:
+        return UsageError(f"{self.path}:{node.start_mark.line + 1}: {message}")
+
+    def load(self, data: bytes, selected: Sequence[str]) -> list[Target]:
+        try:
+            root = yaml.compose(data, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as error:
+            raise self.yaml_error(error) from None
+        except yaml.YAMLError as error:
+            raise UsageError(f"{self.path}: {error}") from None
+        if root is None or _is_null(root):
+            raise UsageError(f"{self.path}:1: the inventory is empty: add a 'targets:' list")
+        top = self.settings(root, _TOP_KEYS, "at the top level")
+        defaults: _Settings = {}
+        if "defaults" in top:
+            defaults = self.settings(top["defaults"].node, _DEFAULT_KEYS, "in defaults")
+        ungrouped = self.sequence(top["targets"].node, "targets") if "targets" in top else []
+        groups = self.groups(top["groups"].node) if "groups" in top else {}
+        every = _unique([*ungrouped, *(node for _, nodes in groups.values() for node in nodes)])
+        if not every:
+            raise self.error(root, "the inventory has no targets: add a 'targets:' list")
+        chosen = _unique(self.select(groups, selected)) if selected else every
+        chosen_ids = {id(node) for node in chosen}
+        # Every target is checked, chosen or not; only the chosen ones read their password.
+        built: dict[int, Target] = {}
+        names: dict[str, yaml.Node] = {}
+        for node in every:
+            target, name_node = self.target(node, defaults, id(node) in chosen_ids)
+            if name_node is not None:
+                first = names.setdefault(target.name, name_node)
+                if first is not name_node:
+                    line = first.start_mark.line + 1
+                    raise self.error(
+                        name_node, f"name {target.name!r} is already used on line {line}"
+                    )
+            built[id(node)] = target
+        return [built[id(node)] for node in chosen]
+
+    def yaml_error(self, error: yaml.MarkedYAMLError) -> UsageError:
+        mark = error.problem_mark or error.context_mark
+        where = f":{mark.line + 1}" if mark is not None else ""
+        message = error.problem or "not valid YAML"
+        if error.context:
+            message = f"{error.context}: {message}"
+        return UsageError(f"{self.path}{where}: {message}")
+
+    def groups(self, node: yaml.Node) -> dict[str, tuple[yaml.Node, list[yaml.Node]]]:
+        if _is_null(node):
+            return {}
+        return {
+            name: (key, self.sequence(value, f"group {name!r}"))
+            for name, key, value in self.entries(node, "groups")
+        }
+
+    def select(
+        self, groups: Mapping[str, tuple[yaml.Node, list[yaml.Node]]], selected: Sequence[str]
+    ) -> list[yaml.Node]:
+        nodes: list[yaml.Node] = []
+        for name in selected:
+            if name not in groups:
+                known = ", ".join(groups) if groups else "none: the inventory defines no groups"
+                raise UsageError(f"{self.path}: unknown group {name!r} (known groups: {known})")
+            key, members = groups[name]
+            if not members:
+                raise self.error(key, f"group {name!r} has no targets")
+            nodes += members
+        return nodes
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        if _is_null(node):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"{what} must be a list, not {self.describe(node)}")
+        return list(node.value)
+
+    def entries(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """(key, key node, value node) of a mapping, with merge keys ("<<: *anchor") applied."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"expected a mapping {where}, not {self.describe(node)}")
+        if id(node) in self.entries_seen:  # flatten_mapping changes the node: only once
+            return self.entries_seen[id(node)]
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if key.tag == _MERGE_TAG:
+                continue
+            if not isinstance(key, yaml.ScalarNode) or not isinstance(self.value(key), str):
+                raise self.error(key, f"a key must be a string, not {self.describe(key)}")
+            first = lines.setdefault(key.value, key.start_mark.line + 1)
+            if first != key.start_mark.line + 1:
+                raise self.error(key, f"duplicate key {key.value!r} (first on line {first})")
+        try:
+            self.constructor.flatten_mapping(node)
+        except yaml.MarkedYAMLError as error:
+            raise self.yaml_error(error) from None
+        # Merged entries come first, the mapping's own last: a later key overrides.
+        merged = {key.value: (key.value, key, value) for key, value in node.value}
+        self.entries_seen[id(node)] = list(merged.values())
+        return self.entries_seen[id(node)]
+
+    def settings(self, node: yaml.Node, kinds: Mapping[str, str], where: str) -> _Settings:
+        settings: _Settings = {}
+        for name, key, value_node in self.entries(node, where):
+            if name == "password":
+                raise self.error(
+                    key,
+                    "a password cannot be written in the inventory: use password_env"
+                    " (an environment variable) or password_file (a file readable only by you)",
+                )
+            if name not in kinds:
+                raise self.error(key, f"unknown key {name!r} {where} (known: {', '.join(kinds)})")
+            kind = kinds[name]
+            value = value_node if kind == _NODE else self.value(value_node)
+            if kind != _NODE and not _has_kind(value, kind):
+                hint = (
+                    " (quote it)"
+                    if kind != _INT and isinstance(value_node, yaml.ScalarNode)
+                    else ""
+                )
+                raise self.error(
+                    value_node, f"{name} must be {kind}, not {self.describe(value_node)}{hint}"
+                )
+            settings[name] = _Setting(value, value_node)
+        return settings
+
+    def value(self, node: yaml.Node) -> object:
+        if not isinstance(node, yaml.ScalarNode):
+            return node
+        try:
+            return self.constructor.construct_object(node)
+        except yaml.MarkedYAMLError as error:
+            raise self.yaml_error(error) from None
+
+    def describe(self, node: yaml.Node) -> str:
+        if isinstance(node, yaml.SequenceNode):
+            return "a list"
+        if isinstance(node, yaml.MappingNode):
+            return "a mapping"
+        value = self.value(node)
+        if value is None:
+            return "null"
+        kinds = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+        return f"{kinds.get(type(value), type(value).__name__)} {node.value!r}"
+
+    def target(
+        self, node: yaml.Node, defaults: _Settings, read_password: bool
+    ) -> tuple[Target, yaml.Node | None]:
+        if isinstance(node, yaml.MappingNode):
+            own = self.settings(node, _TARGET_KEYS, "in a target")
+        elif isinstance(node, yaml.ScalarNode) and isinstance(self.value(node), str):
+            own = self.plain_target(node)
+        else:
+            raise self.error(
+                node, f"a target is a host name, a URL or a mapping, not {self.describe(node)}"
+            )
+        if "url" in own and "host" in own:
+            raise self.error(own["host"].node, "give 'url' or 'host', not both")
+        if "url" in own:
+            endpoint = self.url_endpoint(own)
+        elif "host" in own:
+            endpoint = self.host_endpoint(own, defaults)
+        else:
+            raise self.error(node, "a target needs 'host' or 'url'")
+        merged = {**defaults, **own}
+        username = endpoint.username
+        if username is None and "username" in merged:
+            username = _str_or_none(merged["username"].value)
+        password = self.password(own, defaults, username, read_password)
+        ca, cert, key = (self.file(merged.get(name)) for name in ("ca", "cert", "key"))
+        if (cert is None) != (key is None):
+            present = merged["cert"] if cert is not None else merged["key"]
+            raise self.error(present.node, "cert and key go together: give both or neither")
+        name = own.get("name")
+        if name is not None and not str(name.value).strip():
+            raise self.error(name.node, "name is empty")
+        target = make_target(
+            replace(endpoint, username=username, password=password),
+            name=_str_or_none(name.value) if name else None,
+            default_filter=_str_or_none(merged["filter"].value) if "filter" in merged else None,
+            ca=ca,
+            cert=cert,
+            key=key,
+        )
+        return target, name.node if name else None
+
+    def plain_target(self, node: yaml.ScalarNode) -> _Settings:
+        """ "web-1", "web-1:9000", "198.18.0.3", "::1", "[::1]:9000", or a whole URL."""
+        text = str(self.value(node)).strip()
+        if "://" in text:
+            return {"url": _Setting(text, node)}
+        if text.count(":") > 1 and not text.startswith("["):
+            return {"host": _Setting(text, node)}
+        host, port = self.check(node, split_host_port, text)
+        settings = {"host": _Setting(host, node)}
+        if port is not None:
+            settings["port"] = _Setting(port, node)
+        return settings
+
+    def url_endpoint(self, own: _Settings) -> Endpoint:
+        url = own["url"]
+        for name in ("host", "port", "scheme", "path"):
+            if name in own:
+                raise self.error(
+                    own[name].node, f"{name!r} cannot go with 'url': put it in the URL"
+                )
+        endpoint = self.check(url.node, split_url, str(url.value))
+        if endpoint.password is not None:
+            raise self.error(
+                url.node,
+                "the URL holds a password: remove it and use password_env or password_file",
+            )
+        for name, in_url in (("filter", endpoint.filter), ("username", endpoint.username)):
+            if in_url is not None and name in own:
+                raise self.error(own[name].node, f"{name} is given twice: in the URL and here")
+        return endpoint
+
+    def host_endpoint(self, own: _Settings, defaults: _Settings) -> Endpoint:
+        merged = {**defaults, **own}
+        return Endpoint(
+            scheme=self.checked(merged, "scheme", validate_scheme, "http"),
+            host=self.checked(own, "host", validate_host, ""),
+            port=self.checked(merged, "port", validate_port, DEFAULT_PORT),
+            path=self.checked(merged, "path", validate_path, DEFAULT_PATH),
+        )
+
+    def password(
+        self, own: _Settings, defaults: _Settings, username: str | None, read: bool
+    ) -> str | None:
+        # The target's password_env/password_file replaces the default's, whichever it is.
+        source = own if any(name in own for name in _PASSWORD_KEYS) else defaults
+        if all(name in source for name in _PASSWORD_KEYS):
+            raise self.error(
+                source["password_file"].node, "give password_env or password_file, not both"
+            )
+        setting = source.get("password_env") or source.get("password_file")
+        if setting is None or setting.value is None:
+            return None
+        if username is None:
+            raise self.error(setting.node, "a password needs a username: add 'username:'")
+        if not read:
+            return None
+        if "password_env" in source:
+            secret = self.environ.get(str(setting.value))
+            if secret is None:
+                raise self.error(setting.node, f"environment variable {setting.value} is not set")
+        else:
+            path = self.file(setting)
+            try:
+                with open(str(path), encoding="utf-8") as file:
+                    secret = file.readline().strip()
+            except (OSError, UnicodeError) as error:
+                reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+                raise self.error(
+                    setting.node, f"cannot read password_file {path}: {reason}"
+                ) from None
+        if not secret:
+            raise self.error(setting.node, f"the password from {setting.value} is empty")
+        return secret
+
+    def file(self, setting: _Setting | None) -> str | None:
+        """A path from the inventory: relative ones are relative to the inventory's directory."""
+        if setting is None or setting.value is None:
+            return None
+        return os.path.join(self.directory, os.path.expanduser(str(setting.value)))
+
+    def check(self, node: yaml.Node, check: Callable[[A], R], value: A) -> R:
+        try:
+            return check(value)
+        except UsageError as error:
+            raise self.error(node, str(error)) from None
+
+    def checked(self, settings: _Settings, name: str, check: Callable[[Any], R], default: R) -> R:
+        """The setting, already type-checked by settings(), validated; or the default."""
+        setting = settings.get(name)
+        return default if setting is None else self.check(setting.node, check, setting.value)
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
+
+
+def _has_kind(value: object, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str) or (kind == _OPTIONAL_STR and value is None)
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _unique(nodes: Iterable[yaml.Node]) -> list[yaml.Node]:
+    """Drop repeats of one node (a YAML alias listed twice), keeping the first."""
+    seen: dict[int, yaml.Node] = {}
+    for node in nodes:
+        seen.setdefault(id(node), node)
+    return list(seen.values())
