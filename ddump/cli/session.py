@@ -52,7 +52,11 @@ class _Run:
     parser: PcapStreamParser = field(default_factory=PcapStreamParser)
     stream: CaptureStream | FileStream | None = None
     linktype: int | None = None
+    clock_offset_ns: int = 0
+    opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
+    staged: list[Record] = field(default_factory=list)  # until the output link type is known
     failed: bool = False
+    refused: str = ""  # why its records cannot join the output, once known
 
 
 class Session:
@@ -98,6 +102,7 @@ class Session:
         ticker.cancel()
         if not self.output.closed:
             try:
+                self._choose_linktype()
                 self._write(self.merger.drain())
                 self.output.finish()
                 await self.output.flush()
@@ -135,6 +140,8 @@ class Session:
                     lambda opened: self._on_opened(run, opened),
                     lambda chunk: self._on_data(run, chunk),
                 )
+                if run.refused:
+                    raise StreamFailure(run.refused)
                 if self.stopping:
                     break
                 self._end_of_body(run)
@@ -146,7 +153,7 @@ class Session:
                 if self.stopping and not run.failed:
                     break
                 run.failed = True
-                self.merger.start_stream(run.index)
+                self.merger.start_stream(run.index, run.clock_offset_ns)
                 run.counts.state = "failed"
                 run.counts.error = str(exc)
                 self.reporter.error(f"{run.target.name}: {exc}")
@@ -177,7 +184,8 @@ class Session:
         run.failed = False
         run.counts.error = ""
         offset = opened.clock_offset_ns
-        self.merger.start_stream(run.index, offset or 0)
+        run.clock_offset_ns = offset or 0
+        run.opened_at = asyncio.get_running_loop().time()
         note = ""
         if offset is not None:
             note = f", clock offset {offset / 1e6:+.1f} ms"
@@ -202,40 +210,61 @@ class Session:
         run.counts.bytes += len(chunk)
         if run.linktype is None and run.parser.header is not None:
             run.linktype = run.parser.header.linktype
+            run.opened_at = None
+            self.merger.start_stream(run.index, run.clock_offset_ns)
+        if run.refused:
+            raise StreamFailure(run.refused)
         if not records or self.stopping:
             return self.output.drained()
         run.counts.packets += len(records)
-        records = self._to_output_linktype(run, records)
+        if self.output.linktype is None:
+            run.staged.extend(records)
+            self._choose_linktype()
+        else:
+            self._push(run, records)
+        self._release()
+        return self.output.drained()
+
+    def _push(self, run: _Run, records: list[Record]) -> None:
+        assert run.linktype is not None and self.output.linktype is not None
+        out = self.output.linktype
+        if run.linktype != out:
+            if not can_convert(run.linktype, out):
+                first = next(r for r in self.runs if r.linktype == out)
+                run.refused = (
+                    f"its link type {linktype_name(run.linktype)} cannot be merged into the "
+                    f"output's {linktype_name(out)} (from {first.target.name}): capture it "
+                    "separately"
+                )
+                run.counts.packets -= len(records)
+                if run.stream is not None:
+                    run.stream.close()
+                return
+            records = convert_records(records, run.linktype, out)
         try:
             self._write(self.merger.push(run.index, records))
         except OutputClosed:
             self.stop("output closed")
-            return None
-        self._release()
-        return self.output.drained()
 
-    def _to_output_linktype(self, run: _Run, records: list[Record]) -> list[Record]:
-        assert run.linktype is not None
-        if self.output.linktype is None:
-            self.output.linktype = self._choose_linktype()
-        out = self.output.linktype
-        if run.linktype == out:
-            return records
-        if not can_convert(run.linktype, out):
-            first = next(r for r in self.runs if r.linktype == out)
-            raise StreamFailure(
-                f"its link type {linktype_name(run.linktype)} cannot be merged into the output's "
-                f"{linktype_name(out)} (from {first.target.name}): capture it separately"
-            )
-        return convert_records(records, run.linktype, out)
-
-    def _choose_linktype(self) -> int:
-        # SLL2 is a superset of SLL (it adds the interface index), so mixed fleets become SLL2
-        # without losing anything; otherwise the first connected target decides.
+    def _choose_linktype(self) -> None:
+        """Decide the output's link type once every stream has told its own (or failed)."""
+        if self.output.linktype is not None:
+            return
+        if any(s.live and not s.started for s in self.merger.streams) and not self.stopping:
+            return
         known = [r.linktype for r in self.runs if r.linktype is not None]
+        if not known:
+            return
+        # SLL2 is a superset of SLL (it adds the interface index), so a mixed fleet becomes SLL2
+        # without losing anything; otherwise the first target decides.
         if LINKTYPE_LINUX_SLL2 in known and LINKTYPE_LINUX_SLL in known:
-            return LINKTYPE_LINUX_SLL2
-        return known[0]
+            self.output.linktype = LINKTYPE_LINUX_SLL2
+        else:
+            self.output.linktype = known[0]
+        for run in self.runs:
+            staged, run.staged = run.staged, []
+            if staged:
+                self._push(run, staged)
 
     def _end_of_body(self, run: _Run) -> None:
         try:
@@ -248,6 +277,7 @@ class Session:
     def _release(self) -> None:
         if self.output.closed:
             return
+        self._choose_linktype()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
         try:
             self._write(self.merger.release(mark))
@@ -271,12 +301,22 @@ class Session:
                 return
         self.output.write(records)
 
+    def _start_silent_streams(self, now: float) -> None:
+        # A worker sends the pcap header as soon as tcpdump starts; one that answered but stays
+        # silent must not hold the others back for longer than --max-delay either.
+        grace = self.settings.max_delay_ns / 1e9
+        for run in self.runs:
+            if run.opened_at is not None and now - run.opened_at > grace:
+                run.opened_at = None
+                self.merger.start_stream(run.index, run.clock_offset_ns)
+
     async def _tick(self) -> None:
         next_status = 0.0
         last_packets = 0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
+            self._start_silent_streams(loop.time())
             self._release()
             if self.output.reader_gone():
                 self.stop("output closed")
