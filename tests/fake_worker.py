@@ -68,7 +68,7 @@ class _Handler(tornado.web.RequestHandler):
                 self.set_header("Content-Type", "text/html")
                 self.finish("<html><head><title>401 Authorization Required</title></head></html>")
                 return
-        script = worker.routes.get(self.request.path)
+        script = worker.next_script(self.request.path)
         if script is None:
             self.set_status(404)
             self.finish("no such path\n")
@@ -113,7 +113,7 @@ class FakeWorker:
 
     def __init__(
         self,
-        routes: dict[str, Script],
+        routes: dict[str, Script | list[Script]],
         *,
         ssl_context: ssl.SSLContext | None = None,
         basic_auth: tuple[str, str] | None = None,
@@ -128,6 +128,13 @@ class FakeWorker:
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def next_script(self, path: str) -> Script | None:
+        """A list of scripts answers one request each, in order; the last one repeats."""
+        script = self.routes.get(path)
+        if isinstance(script, list):
+            return script.pop(0) if len(script) > 1 else script[0]
+        return script
 
     def url(self, path: str = "/capture", scheme: str | None = None) -> str:
         scheme = scheme or ("https" if self.ssl_context else "http")
@@ -158,7 +165,9 @@ class FakeWorker:
 
 
 @contextmanager
-def fake_workers(*scripts: dict[str, Script], **kwargs: Any) -> Iterator[list[FakeWorker]]:
+def fake_workers(
+    *scripts: dict[str, Script | list[Script]], **kwargs: Any
+) -> Iterator[list[FakeWorker]]:
     workers = [FakeWorker(routes, **kwargs) for routes in scripts]
     for w in workers:
         w.__enter__()

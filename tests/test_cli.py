@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import subprocess
@@ -253,10 +254,8 @@ def test_mutual_tls(tmp_path: Path, pki: Pki) -> None:
     context = server_context(pki, require_client=True)
     with fake_workers({"/capture": Script(body=[body])}, ssl_context=context) as (w,):
         without = ddump("--ca", str(pki.ca), w.url(), tmp_path=tmp_path)
-        wrong = ddump(
-            "--ca", str(pki.ca), "--cert", str(pki.wrong_client.cert), "--key", str(pki.wrong_client.key),
-            w.url(), tmp_path=tmp_path,
-        )  # fmt: skip
+        wrong_pair = ["--cert", str(pki.wrong_client.cert), "--key", str(pki.wrong_client.key)]
+        wrong = ddump("--ca", str(pki.ca), *wrong_pair, w.url(), tmp_path=tmp_path)
         right = ddump(
             "--ca", str(pki.ca), "-cert", str(pki.client.cert), "-key", str(pki.client.key),
             w.url(), tmp_path=tmp_path,
@@ -322,3 +321,53 @@ def test_sigint_writes_what_is_buffered_and_exits_zero(tmp_path: Path) -> None:
     parser = PcapStreamParser()
     assert proc.returncode == 0, err
     assert [d[36:] for _, d in parser.feed(out.read_bytes())] == [b"future"]
+
+
+def test_reconnect_retries_a_failed_target(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("again", [1, 2]))
+    scripts = [Script(status=503, body=[b"too many captures\n"]), Script(body=[body])]
+    with fake_workers({"/capture": scripts}) as (w,):
+        result = ddump("--reconnect", "-c", "2", w.url(), tmp_path=tmp_path)
+
+    assert result.status == 0, result.stderr
+    assert "HTTP 503" in result.stderr and "retrying in 1 s" in result.stderr
+    assert result.payloads() == [b"again-0@1", b"again-1@2"]
+
+
+def test_ten_targets_connect_concurrently(tmp_path: Path) -> None:
+    # Each worker takes 0.5 s to answer, as a real one does while tcpdump starts.
+    scripts = [
+        {"/capture": Script(body=[0.5, pcap_stream(numbered(f"h{i}", [i]))])} for i in range(10)
+    ]
+    with fake_workers(*scripts) as workers:
+        started = time.monotonic()
+        result = ddump(*(w.url() for w in workers), tmp_path=tmp_path)
+        elapsed = time.monotonic() - started
+
+    assert result.status == 0, result.stderr
+    assert len(result.records()) == 10
+    assert elapsed < 4, "the targets were contacted one after another"
+
+
+def test_status_line_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    body = pcap_stream(numbered("tty", [1]))
+    with fake_workers({"/capture": Script(body=[body, 1.5])}) as (w,):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "-w", str(tmp_path / "o.pcap"), w.url()],
+            stderr=follower,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(follower)
+        proc.wait(timeout=20)
+        seen = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 4096):
+                seen += chunk
+        os.close(leader)
+
+    assert proc.returncode == 0
+    assert b"\r\x1b[K1/1 targets capturing" in seen
+    assert b"1 packets written" in seen
