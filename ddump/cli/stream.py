@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from ddump.targets import Target
 PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
 CLOCK_HEADER = "X-Ddump-Clock"
 ERROR_BODY_LIMIT = 4096
+ERROR_BODY_WAIT_S = 2.0  # an error page that never ends must not hold the message back
 READ_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
@@ -71,6 +73,7 @@ class CaptureStream:
         self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
         self._stream: iostream.IOStream | None = None
+        self._connecting: asyncio.Future[iostream.IOStream] | None = None
         self._closing = False
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
@@ -98,33 +101,43 @@ class CaptureStream:
             ) from None
         finally:
             stream.close()
+        if response.code not in (0, 200):
+            raise StreamFailure(_http_error(response))
         if self._closing:
             return
-        if response.code != 200:
-            raise StreamFailure(_http_error(response))
 
     def close(self) -> None:
         """Stop streaming now (the worker sees the connection close and stops tcpdump)."""
         self._closing = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._stream is not None:
             self._stream.close()
 
     async def _connect(self, host: str, port: int, tls: bool) -> iostream.IOStream | None:
-        try:
-            stream = await TCPClient().connect(
+        self._connecting = asyncio.ensure_future(
+            TCPClient().connect(
                 host,
                 port,
                 ssl_options=self.ssl_context if tls else None,
                 timeout=self.connect_timeout_s,
                 max_buffer_size=4 * READ_SIZE + MAX_HEADER_BYTES,
             )
+        )
+        try:
+            stream = await self._connecting
+        except asyncio.CancelledError:
+            if self._closing:
+                return None
+            raise
         except ssl.SSLCertVerificationError as exc:
             raise StreamFailure(f"TLS certificate not trusted: {exc.verify_message}") from None
         except ssl.SSLError as exc:
             raise StreamFailure(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         except TimeoutError:
+            hint = "; with https, is the target plain http?" if tls else ""
             raise StreamFailure(
-                f"no connection within {self.connect_timeout_s:g} s (--connect-timeout)"
+                f"no connection within {self.connect_timeout_s:g} s (--connect-timeout{hint})"
             ) from None
         except OSError as exc:
             raise StreamFailure(_connect_error(exc)) from None
@@ -171,21 +184,34 @@ class CaptureStream:
             clock = headers.get(CLOCK_HEADER, "")
             offset = int(clock) - received_ns if clock.isdigit() else None
             on_opened(Opened(offset, headers.get("Content-Type", "")))
-            deliver = on_data
+            await _read_body(stream, headers, on_data)
         else:
 
-            def deliver(chunk: bytes) -> None:
-                if len(response.error_body) < ERROR_BODY_LIMIT:
-                    response.error_body += chunk[: ERROR_BODY_LIMIT - len(response.error_body)]
+            def keep(chunk: bytes) -> None:
+                response.error_body += chunk[: ERROR_BODY_LIMIT - len(response.error_body)]
+                if len(response.error_body) >= ERROR_BODY_LIMIT:
+                    raise _EnoughOfIt
 
-        encoding = headers.get("Transfer-Encoding", "").lower()
-        if "chunked" in encoding:
-            await _read_chunked(stream, deliver)
-        elif "Content-Length" in headers:
-            await _read_length(stream, int(headers["Content-Length"]), deliver)
-        else:
-            await _read_until_close(stream, deliver)
+            with contextlib.suppress(
+                _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
+            ):
+                await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
         response.finished = True
+
+
+class _EnoughOfIt(Exception):
+    """The first few KiB of an error page say all we will show."""
+
+
+async def _read_body(
+    stream: iostream.IOStream, headers: httputil.HTTPHeaders, deliver: DataCallback
+) -> None:
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        await _read_chunked(stream, deliver)
+    elif "Content-Length" in headers:
+        await _read_length(stream, int(headers["Content-Length"]), deliver)
+    else:
+        await _read_until_close(stream, deliver)
 
 
 async def _pass(result: Awaitable[None] | None) -> None:
@@ -231,22 +257,34 @@ def _path_and_query(url: str) -> str:
 def _http_error(response: _Response) -> str:
     text = response.error_body.decode("utf-8", "replace").strip()
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if first.lstrip().startswith("<"):
+    html = first.startswith("<")
+    if html:
         first = _html_title(text) or first
     status = f"HTTP {response.code} {response.reason}".rstrip()
-    hint = {
-        401: "authentication failed: check the user and password",
-        403: "forbidden: the proxy refused this client (certificate or address)",
-        404: "not found: is the path right (default /capture)?",
-        400: "the worker refused the request",
-        503: "the worker cannot capture now",
-    }.get(response.code, "")
     parts = [status]
+    hint = _hint(response.code, text, html)
     if hint:
         parts.append(hint)
     if first:
         parts.append(first[:300])
     return ": ".join(parts)
+
+
+def _hint(code: int, text: str, html: bool) -> str:
+    # nginx answers TLS-client problems with a 400 HTML page: say what to fix on our side.
+    if "SSL certificate" in text:
+        return "the proxy wants a client certificate it trusts: give --cert and --key"
+    if "plain HTTP request was sent to HTTPS port" in text:
+        return "the target speaks https: use https://"
+    if code == 400:
+        return "the server refused the request" if html else "the worker refused the request"
+    return {
+        401: "authentication failed: check the user and password",
+        403: "forbidden: the proxy refused this client (certificate or address)",
+        404: "not found: is the path right (default /capture)?",
+        502: "the proxy could not reach the worker (is ddump-worker running?)",
+        503: "the worker cannot capture now",
+    }.get(code, "")
 
 
 def _html_title(text: str) -> str:
