@@ -1,0 +1,308 @@
+"""The worker's HTTP API: GET /capture streams a live pcap, GET /health says it can."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pwd
+import subprocess
+import time
+from dataclasses import dataclass, field
+from http.client import responses
+from typing import Any
+
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import StreamClosedError
+from tornado.web import Application, RequestHandler
+
+import ddump
+from ddump.worker.capture import (
+    NS_PER_S,
+    Capture,
+    CaptureRefused,
+    CaptureRegistry,
+    missing_tcpdump_message,
+)
+from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
+from ddump.worker.params import CaptureParams, parse_query
+from ddump.worker.tcpdump import error_lines
+
+log = logging.getLogger("ddump.worker")
+
+PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
+CLOCK_HEADER = "X-Ddump-Clock"
+RETRY_AFTER_S = 5
+_LOG_FILTER_MAX = 200
+
+
+@dataclass
+class WorkerState:
+    """What every handler shares: configuration and the running captures."""
+
+    tcpdump: str
+    exclusions: tuple[str, ...]
+    captures: CaptureRegistry
+    drop_to: pwd.struct_passwd | None = None
+    start_timeout_ns: int = 10 * NS_PER_S
+    stop_grace_ns: int = 2 * NS_PER_S
+    abort_grace_ns: int = NS_PER_S // 2
+    buffer_kib: int | None = None  # tcpdump -B
+    unix_socket: bool = False  # clients have no address then
+    version: dict[str, str] = field(default_factory=dict)  # cached `tcpdump --version`
+
+
+def seconds_text(nanoseconds: int) -> str:
+    """`1.234s` from integer nanoseconds, without a float."""
+    return f"{nanoseconds // NS_PER_S}.{nanoseconds % NS_PER_S // 10**6:03d}s"
+
+
+def _show_filter(text: str | None) -> str:
+    if text is None:
+        return "-"
+    shown = text if len(text) <= _LOG_FILTER_MAX else text[:_LOG_FILTER_MAX] + "..."
+    return repr(shown)
+
+
+class TextErrorsHandler(RequestHandler):
+    """Errors as one line of text/plain: what curl and the ddump CLI show to a person."""
+
+    def refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        if retry_after is not None:
+            self.set_header("Retry-After", str(retry_after))
+        self.finish(message.rstrip("\n") + "\n")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {responses.get(status_code, 'Error')}\n")
+
+
+class CaptureHandler(TextErrorsHandler):
+    """GET /capture: tcpdump's pcap as a chunked response, for as long as the client reads."""
+
+    def initialize(self, state: WorkerState) -> None:
+        self.state = state
+        self.capture: Capture | None = None
+        self.client_gone = False
+
+    def client(self) -> str:
+        forwarded = self.request.headers.get("X-Forwarded-For")
+        address = "unix" if self.state.unix_socket else str(self.request.remote_ip)
+        return f"{address} (X-Forwarded-For: {forwarded})" if forwarded else address
+
+    async def get(self) -> None:
+        try:
+            params = parse_query(self.request.query_arguments)
+            bpf = compose_filter(params.filter, self.state.exclusions)
+        except FilterError as error:
+            return self.refuse(400, str(error))
+        captures = self.state.captures
+        if captures.closing:
+            return self.refuse(503, "the worker is shutting down", retry_after=RETRY_AFTER_S)
+        if captures.full():
+            return self.refuse(
+                503,
+                f"too many captures on this worker ({captures.limit} running; "
+                "the limit is ddump-worker --max-captures)",
+                retry_after=RETRY_AFTER_S,
+            )
+        argv = tcpdump_argv(
+            self.state.tcpdump,
+            bpf,
+            snaplen=params.snaplen,
+            count=params.count,
+            buffer_kib=self.state.buffer_kib,
+        )
+        capture = Capture(
+            argv,
+            drop_to=self.state.drop_to,
+            stop_grace_ns=self.state.stop_grace_ns,
+            abort_grace_ns=self.state.abort_grace_ns,
+        )
+        self.capture = capture
+        number = captures.add(capture)
+        try:
+            await self._run(number, capture, params)
+        finally:
+            capture.abort("ended")
+            captures.remove(capture)
+
+    async def _run(self, number: int, capture: Capture, params: CaptureParams) -> None:
+        try:
+            await capture.start(self.state.start_timeout_ns)
+        except CaptureRefused as refused:
+            log.warning(
+                "capture %d refused (%d): client=%s filter=%s: %s",
+                number,
+                refused.status,
+                self.client(),
+                _show_filter(params.filter),
+                refused.message.splitlines()[0],
+            )
+            return self.refuse(refused.status, refused.message)
+        if self.client_gone:
+            capture.abort("client closed")
+        started_ns = time.monotonic_ns()
+        log.info(
+            "capture %d start: client=%s filter=%s snaplen=%s count=%s duration=%s pid=%s",
+            number,
+            self.client(),
+            _show_filter(params.filter),
+            params.snaplen or "-",
+            params.count or "-",
+            seconds_text(params.duration_ns) if params.duration_ns else "-",
+            capture.pid,
+        )
+        timer = None
+        if params.duration_ns is not None:
+            timer = asyncio.get_running_loop().call_later(
+                params.duration_ns / NS_PER_S, capture.stop, "duration reached"
+            )
+        try:
+            await self._stream(capture)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            capture.abort("client closed" if self.client_gone else "ended")
+            await capture.wait()
+            self._log_end(number, capture, params, time.monotonic_ns() - started_ns)
+
+    async def _stream(self, capture: Capture) -> None:
+        self.set_header("Content-Type", PCAP_CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Accel-Buffering", "no")  # nginx: stream, do not buffer
+        self.set_header(CLOCK_HEADER, str(time.time_ns()))
+        try:
+            await self.flush()  # headers now: the client knows tcpdump listens
+            while True:
+                chunk = await capture.read()
+                if not chunk:
+                    break
+                self.write(chunk)
+                # Backpressure: no read before the client took this chunk, so a slow client
+                # fills the pipe, tcpdump blocks, and the kernel counts drops, not our memory.
+                await self.flush()
+            if capture.stop_reason is None and await capture.wait() not in (0, None):
+                # tcpdump died on its own: no terminating chunk, so the client sees a failure
+                # (a cut stream) rather than a capture that merely ended.
+                connection = self.request.connection
+                if isinstance(connection, HTTP1Connection):
+                    connection.close()
+                self.client_gone = True
+            if not self.client_gone:
+                await self.finish()  # the terminating chunk: the client can tell a clean end
+        except StreamClosedError:
+            self.client_gone = True
+
+    def _log_end(
+        self, number: int, capture: Capture, params: CaptureParams, elapsed_ns: int
+    ) -> None:
+        stats = capture.stats
+
+        def count(value: int | None) -> str:
+            return "?" if value is None else str(value)
+
+        log.info(
+            "capture %d end: client=%s filter=%s duration=%s bytes=%d packets=%d "
+            "captured=%s received=%s dropped=%s reason=%s exit=%s",
+            number,
+            self.client(),
+            _show_filter(params.filter),
+            seconds_text(elapsed_ns),
+            capture.counter.bytes,
+            capture.counter.records,
+            count(stats.captured),
+            count(stats.received),
+            count(stats.dropped_by_kernel),
+            capture.stop_reason or _exit_reason(capture, params),
+            capture.returncode,
+        )
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+        if self.capture is not None:
+            self.capture.abort("client closed")
+
+    def on_finish(self) -> None:
+        if self.capture is not None:
+            self.capture.abort("ended")
+
+
+def _exit_reason(capture: Capture, params: CaptureParams) -> str:
+    if capture.returncode == 0:
+        return "count reached" if params.count else "tcpdump exited"
+    detail = error_lines(capture.stderr_text).replace("\n", "; ")
+    return f"tcpdump failed: {detail or 'no message'}"
+
+
+class HealthHandler(TextErrorsHandler):
+    """GET /health: 200 with tcpdump's version when a capture could start, for load balancers."""
+
+    def initialize(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def get(self) -> None:
+        try:
+            version = await tcpdump_version(self.state)
+        except CaptureRefused as error:
+            self.set_status(503)
+            self.finish({"status": "error", "error": error.message})
+            return
+        self.finish(
+            {
+                "status": "ok",
+                "ddump": ddump.__version__,
+                **version,
+                "captures": len(self.state.captures),
+                "max_captures": self.state.captures.limit,
+            }
+        )
+
+
+async def tcpdump_version(state: WorkerState) -> dict[str, str]:
+    """`tcpdump --version`, run once and cached: {"tcpdump": ..., "libpcap": ...}."""
+    if state.version:
+        return state.version
+    try:
+        process = await asyncio.create_subprocess_exec(
+            state.tcpdump,
+            "--version",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 5)
+    except FileNotFoundError:
+        raise CaptureRefused(503, missing_tcpdump_message(state.tcpdump)) from None
+    except (TimeoutError, OSError) as error:
+        raise CaptureRefused(503, f"cannot run {state.tcpdump!r} --version: {error}") from None
+    lines = output.decode("utf-8", "replace").splitlines()
+    if process.returncode != 0 or not lines:
+        raise CaptureRefused(503, f"{state.tcpdump} --version failed: {' '.join(lines)}")
+    state.version["tcpdump"] = lines[0]
+    for line in lines[1:]:
+        if line.startswith("libpcap"):
+            state.version["libpcap"] = line
+    return state.version
+
+
+def _log_request(handler: RequestHandler) -> None:
+    # Captures log their own start and end lines; a load balancer's /health polls are noise.
+    status = handler.get_status()
+    if status < 400 or isinstance(handler, CaptureHandler):
+        return
+    request = handler.request
+    log.warning("%d %s %s from %s", status, request.method, request.uri, request.remote_ip)
+
+
+def make_app(state: WorkerState) -> Application:
+    """The Tornado application of one worker."""
+    return Application(
+        [
+            (r"/capture", CaptureHandler, {"state": state}),
+            (r"/health", HealthHandler, {"state": state}),
+        ],
+        log_function=_log_request,
+    )

@@ -1,0 +1,304 @@
+"""One tcpdump process: start it, wait until it listens, read its pcap, stop it, reap it.
+
+tcpdump runs without a shell, in a session of its own (a signal to its group reaches anything
+it might start) and with a parent-death signal (see spawn.py). Its exit is watched through a
+pidfd on the IOLoop rather than Tornado's Subprocess SIGCHLD handler, which is bound to the first
+IOLoop that used it and so never fires in a later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import signal
+import subprocess
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from tornado.ioloop import IOLoop
+from tornado.iostream import PipeIOStream, StreamClosedError
+
+from ddump.errors import DdumpError
+from ddump.worker.spawn import child_setup
+from ddump.worker.tcpdump import (
+    LISTENING_MARK,
+    RecordCounter,
+    TcpdumpStats,
+    classify_start_failure,
+    parse_stats,
+)
+
+NS_PER_S = 10**9
+READ_SIZE = 65536
+STDERR_KEEP = 64 * 1024  # tcpdump says a few lines; a flood of warnings must not grow us
+_EXIT_POLL_S = 0.05  # only where pidfd_open is missing (Linux < 5.3)
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def background(coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    """Start a task that is kept referenced until it ends (asyncio holds only weak ones)."""
+    task = asyncio.get_running_loop().create_task(coroutine, name=name)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+class CaptureRefused(DdumpError):
+    """tcpdump could not start: `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def missing_tcpdump_message(path: str) -> str:
+    return (
+        f"tcpdump not found at {path!r}: install it (apt-get install tcpdump) "
+        "or give its path with ddump-worker --tcpdump PATH"
+    )
+
+
+class Capture:
+    """A running tcpdump whose stdout is a pcap stream."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        drop_to: pwd.struct_passwd | None = None,
+        stop_grace_ns: int = 2 * NS_PER_S,
+        abort_grace_ns: int = NS_PER_S // 2,
+    ) -> None:
+        self.argv = list(argv)
+        self.drop_to = drop_to
+        self.stop_grace_ns = stop_grace_ns
+        self.abort_grace_ns = abort_grace_ns
+        self.counter = RecordCounter()
+        self.returncode: int | None = None
+        self.stop_reason: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stdout: PipeIOStream | None = None
+        self._stderr_stream: PipeIOStream | None = None
+        self._stderr = bytearray()
+        self._listening: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._exited = asyncio.Event()
+        self._stderr_done = asyncio.Event()
+        self._kill_timer: object | None = None
+        self._kill_deadline = 0.0  # IOLoop time
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def stderr_text(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
+
+    @property
+    def stats(self) -> TcpdumpStats:
+        return parse_stats(self.stderr_text)
+
+    async def start(self, timeout_ns: int) -> None:
+        """Run tcpdump and return once it listens; raise CaptureRefused if it cannot."""
+        # Our own pipes, not Subprocess.STREAM: when Popen fails, Tornado 6.2's Subprocess
+        # closes fds its PipeIOStreams still own, which later close someone else's socket.
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
+                start_new_session=True,
+                preexec_fn=child_setup(self.drop_to),
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            for fd in (out_read, out_write, err_read, err_write):
+                os.close(fd)
+            if isinstance(error, FileNotFoundError):
+                raise CaptureRefused(503, missing_tcpdump_message(self.argv[0])) from None
+            hint = ""
+            if isinstance(error, subprocess.SubprocessError) and self.drop_to is not None:
+                user = self.drop_to.pw_name
+                hint = f" (as root, tcpdump is started as {user!r} with CAP_NET_RAW)"
+            raise CaptureRefused(503, f"cannot run {self.argv[0]!r}: {error}{hint}") from None
+        os.close(out_write)
+        os.close(err_write)
+        self._stdout = PipeIOStream(out_read)
+        self._stderr_stream = PipeIOStream(err_read)
+        self._watch_exit()
+        background(self._read_stderr(), f"tcpdump-stderr-{self.pid}")
+        try:
+            listening = await asyncio.wait_for(
+                asyncio.shield(self._listening), timeout_ns / NS_PER_S
+            )
+        except TimeoutError:
+            self.abort("start timeout")
+            await self.wait()
+            seconds = timeout_ns // NS_PER_S
+            message = f"tcpdump did not start listening within {seconds} s"
+            raise CaptureRefused(503, message) from None
+        if not listening:
+            self.abort("failed to start")
+            await self.wait()
+            failure = classify_start_failure(self.stderr_text, self.returncode)
+            raise CaptureRefused(failure.status, failure.message)
+
+    async def read(self) -> bytes:
+        """The next bytes tcpdump wrote, at most READ_SIZE; b"" once it is done."""
+        if self._stdout is None or self._stdout.closed():
+            return b""
+        try:
+            data = await self._stdout.read_bytes(READ_SIZE, partial=True)
+        except StreamClosedError:
+            return b""
+        self.counter.feed(data)
+        return data
+
+    def stop(self, reason: str) -> None:
+        """Ask tcpdump to finish (what it already wrote can still be read); SIGKILL after grace."""
+        self._terminate(reason, self.stop_grace_ns)
+
+    def abort(self, reason: str) -> None:
+        """Nobody will read any more: stop tcpdump and drop the pipe, so a blocked write fails."""
+        self._terminate(reason, self.abort_grace_ns)
+        if self._stdout is not None and not self._stdout.closed():
+            self._stdout.close()
+
+    async def wait(self, timeout_ns: int = 5 * NS_PER_S) -> int | None:
+        """Wait for tcpdump to exit and its stderr to end (for the statistics); bounded."""
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout_ns / NS_PER_S)
+            # stderr ends with the process, unless a descendant still holds it: don't wait long.
+            await asyncio.wait_for(self._stderr_done.wait(), 1)
+        except TimeoutError:
+            pass
+        return self.returncode
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self._exited.is_set()
+
+    def _terminate(self, reason: str, grace_ns: int) -> None:
+        if not self.running:
+            return
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._signal(signal.SIGTERM)
+        # A stop (grace 2 s) may be followed by an abort (0.5 s): the earlier SIGKILL wins.
+        loop = IOLoop.current()
+        deadline = loop.time() + grace_ns / NS_PER_S
+        if self._kill_timer is None or deadline < self._kill_deadline:
+            if self._kill_timer is not None:
+                loop.remove_timeout(self._kill_timer)
+            self._kill_timer = loop.call_at(deadline, self._signal, signal.SIGKILL)
+            self._kill_deadline = deadline
+
+    def _signal(self, signum: int) -> None:
+        # Only while not reaped: after that the group id may belong to someone else.
+        if self._process is None or self._exited.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signum)
+
+    def _watch_exit(self) -> None:
+        assert self._process is not None
+        loop = IOLoop.current()
+        try:
+            pidfd = os.pidfd_open(self._process.pid)
+        except (AttributeError, OSError):
+            background(self._poll_exit(), f"tcpdump-exit-{self.pid}")
+            return
+
+        def on_exit(fd: int, events: int) -> None:
+            loop.remove_handler(fd)
+            os.close(fd)
+            self._reaped()
+
+        loop.add_handler(pidfd, on_exit, IOLoop.READ)
+
+    async def _poll_exit(self) -> None:
+        assert self._process is not None
+        while self._process.poll() is None:
+            await asyncio.sleep(_EXIT_POLL_S)
+        self._reaped()
+
+    def _reaped(self) -> None:
+        assert self._process is not None
+        # The pidfd is readable once the process is a zombie, so this wait does not block.
+        self.returncode = self._process.wait()
+        self._exited.set()
+        if self._kill_timer is not None:
+            IOLoop.current().remove_timeout(self._kill_timer)
+            self._kill_timer = None
+
+    async def _read_stderr(self) -> None:
+        stream = self._stderr_stream
+        assert stream is not None
+        try:
+            while True:
+                data = await stream.read_bytes(4096, partial=True)
+                if len(self._stderr) < STDERR_KEEP:
+                    self._stderr += data[: STDERR_KEEP - len(self._stderr)]
+                if not self._listening.done() and LISTENING_MARK in self.stderr_text:
+                    self._listening.set_result(True)
+        except StreamClosedError:
+            pass
+        finally:
+            stream.close()
+            if not self._listening.done():
+                self._listening.set_result(False)
+            self._stderr_done.set()
+
+
+class CaptureRegistry:
+    """The captures running now, bounded by --max-captures; stops them all at shutdown."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.closing = False
+        self._active: set[Capture] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.started = 0
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def full(self) -> bool:
+        return len(self._active) >= self.limit
+
+    def add(self, capture: Capture) -> int:
+        """Register a capture; returns its number for the log."""
+        self._active.add(capture)
+        self._idle.clear()
+        self.started += 1
+        return self.started
+
+    def remove(self, capture: Capture) -> None:
+        self._active.discard(capture)
+        if not self._active:
+            self._idle.set()
+
+    def stop_all(self, reason: str) -> None:
+        self.closing = True
+        for capture in list(self._active):
+            capture.stop(reason)
+
+    def abort_all(self, reason: str) -> None:
+        self.closing = True
+        for capture in list(self._active):
+            capture.abort(reason)
+
+    async def wait_idle(self, timeout_ns: int) -> bool:
+        """True once every capture's response has ended; False if time ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_ns / NS_PER_S)
+        except TimeoutError:
+            return False
+        return True

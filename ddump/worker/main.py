@@ -1,0 +1,307 @@
+"""ddump-worker: command line, listening sockets, signals, and a clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets, bind_unix_socket
+
+import ddump
+from ddump.errors import UsageError
+from ddump.worker.app import WorkerState, make_app
+from ddump.worker.capture import NS_PER_S, CaptureRegistry, missing_tcpdump_message
+from ddump.worker.filter import (
+    DEFAULT_BUFFER_KIB,
+    MAX_FILTER_LEN,
+    FilterError,
+    check_filter,
+    self_exclusion,
+)
+from ddump.worker.spawn import unprivileged_user
+
+log = logging.getLogger("ddump.worker")
+
+DEFAULT_PORT = 8475
+DEFAULT_LISTEN = f":{DEFAULT_PORT}"
+DEFAULT_MAX_CAPTURES = 16
+DEFAULT_SOCKET_MODE = 0o660
+# After SIGTERM: time for captures to end their responses, then for connections to close.
+DRAIN_NS = 5 * NS_PER_S
+CLOSE_NS = 2 * NS_PER_S
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    host: str | None  # None: every address, IPv4 and IPv6
+    port: int
+
+
+@dataclass(frozen=True)
+class UnixListen:
+    path: str
+
+
+def parse_listen(text: str) -> TcpListen | UnixListen:
+    """`[host]:port` (IPv6 in brackets), a bare port, or `unix:/path`."""
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path:
+            raise UsageError("--listen unix: needs a path, e.g. unix:/run/ddump/worker.sock")
+        return UnixListen(path)
+    host: str | None
+    if text.isdigit():
+        host, port_text = None, text
+    elif text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise UsageError(f"--listen {text!r}: write an IPv6 address as [::1]:{DEFAULT_PORT}")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise UsageError(
+                f"--listen {text!r}: expected [host]:port, e.g. :{DEFAULT_PORT}, "
+                f"127.0.0.1:{DEFAULT_PORT}, [::1]:{DEFAULT_PORT} or unix:/path"
+            )
+        if ":" in host:
+            raise UsageError(f"--listen {text!r}: write an IPv6 address as [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise UsageError(f"--listen {text!r}: port must be a number from 0 to 65535")
+    return TcpListen(host or None, int(port_text))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddump-worker",
+        description="Stream live tcpdump captures over HTTP: GET /capture?filter=BPF "
+        "answers a chunked pcap (application/vnd.tcpdump.pcap); GET /health.",
+        epilog="Needs CAP_NET_RAW, not root: e.g. systemd AmbientCapabilities=CAP_NET_RAW, "
+        "or setpriv --reuid=USER --regid=GROUP --clear-groups --inh-caps=+net_raw "
+        "--ambient-caps=+net_raw ddump-worker. Stops cleanly on SIGTERM or SIGINT.",
+    )
+    parser.add_argument(
+        "--listen",
+        "-listen",
+        metavar="ADDR",
+        default=DEFAULT_LISTEN,
+        help=f"[host]:port (IPv6 as [::1]:{DEFAULT_PORT}; port 0 picks a free one) or "
+        f"unix:/path (default {DEFAULT_LISTEN}: every address). Traffic on the listening TCP "
+        "port is never captured (only on the bound address, if one is given).",
+    )
+    parser.add_argument(
+        "--exclude",
+        metavar="BPF",
+        action="append",
+        default=[],
+        help="never capture traffic that matches BPF, whatever the client's filter; "
+        "repeatable (e.g. a reverse proxy in front: --exclude 'tcp port 443')",
+    )
+    parser.add_argument(
+        "--max-captures",
+        metavar="N",
+        type=_positive_int,
+        default=DEFAULT_MAX_CAPTURES,
+        help=f"captures running at once; more get 503 with Retry-After "
+        f"(default {DEFAULT_MAX_CAPTURES})",
+    )
+    parser.add_argument(
+        "--buffer-size",
+        metavar="KiB",
+        type=_positive_int,
+        default=DEFAULT_BUFFER_KIB,
+        help="kernel capture buffer of each capture, in KiB (tcpdump -B; default "
+        f"{DEFAULT_BUFFER_KIB}). In immediate mode every packet takes a slot of the snapshot "
+        "length, so at the default snaplen this holds 128 packets: the burst a capture "
+        "absorbs while its client is slow before the kernel drops (clients asking for a "
+        "small snaplen get more). Up to --max-captures of these are allocated at once.",
+    )
+    parser.add_argument(
+        "--tcpdump", metavar="PATH", default="tcpdump", help="tcpdump binary (default: on PATH)"
+    )
+    parser.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        type=_octal_mode,
+        default=DEFAULT_SOCKET_MODE,
+        help="file mode of a unix: socket, in octal (default 0660: the worker's user and "
+        "group, e.g. run it with nginx's group). A stale socket file is replaced at start, "
+        "and the socket is removed at exit.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {ddump.__version__}")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _octal_mode(text: str) -> int:
+    if not text or any(char not in "01234567" for char in text) or int(text, 8) > 0o777:
+        raise argparse.ArgumentTypeError(f"expected an octal mode like 0660, got {text!r}")
+    return int(text, 8)
+
+
+def _check_exclusions(expressions: Sequence[str]) -> list[str]:
+    checked = []
+    for expression in expressions:
+        try:
+            text = check_filter(expression)
+        except FilterError as error:
+            raise UsageError(f"--exclude {expression!r}: {error}") from None
+        if text is None:
+            raise UsageError("--exclude needs a BPF expression, got an empty one")
+        checked.append(text)
+    return checked
+
+
+def bind(listen: TcpListen | UnixListen, socket_mode: int) -> tuple[list[socket.socket], str]:
+    """Listening sockets and how to name them; raise UsageError when the address is taken."""
+    if isinstance(listen, UnixListen):
+        _refuse_live_socket(listen.path)
+        try:
+            sock = bind_unix_socket(listen.path, mode=socket_mode)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot listen on unix:{listen.path}: {error}") from None
+        return [sock], f"unix:{listen.path}"
+    try:
+        sockets = bind_sockets(listen.port, address=listen.host)
+    except OSError as error:
+        where = f"{listen.host or ''}:{listen.port}"
+        raise UsageError(f"cannot listen on {where}: {error.strerror or error}") from None
+    names = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return sockets, " ".join(names)
+
+
+def _refuse_live_socket(path: str) -> None:
+    """A socket file nobody answers on is stale and gets replaced; a live one is an error."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # bind_unix_socket refuses to remove anything but a socket
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as error:
+        if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return
+        raise UsageError(f"cannot check unix:{path}: {error}") from None
+    finally:
+        probe.close()
+    raise UsageError(f"unix:{path} is in use by another process; stop it or pick another path")
+
+
+def _self_exclusions(sockets: Sequence[socket.socket]) -> list[str]:
+    tcp = [sock for sock in sockets if sock.family in (socket.AF_INET, socket.AF_INET6)]
+    if not tcp:
+        return []  # a unix socket's traffic is not on any interface
+    port = tcp[0].getsockname()[1]
+    return [self_exclusion(port, [sock.getsockname()[0] for sock in tcp])]
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run the worker until SIGTERM or SIGINT; then end every capture and return 0."""
+    listen = parse_listen(args.listen)
+    exclusions = _check_exclusions(args.exclude)
+    if os.geteuid() == 0:
+        log.warning(
+            "running as root: this works, but ddump-worker needs only CAP_NET_RAW; run it as "
+            "an unprivileged user with AmbientCapabilities=CAP_NET_RAW"
+        )
+    if shutil.which(args.tcpdump) is None:
+        log.warning("%s; captures will get 503 until then", missing_tcpdump_message(args.tcpdump))
+    sockets, where = bind(listen, args.socket_mode)
+    unix_path = listen.path if isinstance(listen, UnixListen) else None
+    unix_inode = os.stat(unix_path).st_ino if unix_path else None
+    state = WorkerState(
+        tcpdump=args.tcpdump,
+        exclusions=tuple(_self_exclusions(sockets) + exclusions),
+        captures=CaptureRegistry(args.max_captures),
+        drop_to=unprivileged_user() if os.geteuid() == 0 else None,
+        buffer_kib=args.buffer_size,
+        unix_socket=unix_path is not None,
+    )
+    # Room for the longest filter we accept, fully percent-encoded: a longer request line would
+    # be cut by Tornado with a reset instead of our 400 that names the limit.
+    server = HTTPServer(
+        make_app(state), max_header_size=3 * MAX_FILTER_LEN + 8192, idle_connection_timeout=60
+    )
+    server.add_sockets(sockets)
+    log.info(
+        "listening on %s (pid %d); never capturing: %s; at most %d captures",
+        where,
+        os.getpid(),
+        " and ".join(f"({e})" for e in state.exclusions) or "-",
+        args.max_captures,
+    )
+    signals = asyncio.Queue[int]()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
+    try:
+        received = await signals.get()
+        log.info("%s: stopping %d capture(s)", signal.Signals(received).name, len(state.captures))
+        server.stop()
+        state.captures.stop_all("worker stopping")
+        drained = asyncio.ensure_future(state.captures.wait_idle(DRAIN_NS))
+        again = asyncio.ensure_future(signals.get())
+        await asyncio.wait((drained, again), return_when=asyncio.FIRST_COMPLETED)
+        again.cancel()
+        if not drained.done() or not drained.result():
+            # A client that does not read keeps its response from ending: cut it.
+            drained.cancel()
+            state.captures.abort_all("worker stopping now")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), CLOSE_NS / NS_PER_S)
+        await state.captures.wait_idle(CLOSE_NS)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if unix_path is not None:
+            _remove_socket(unix_path, unix_inode)
+    log.info("stopped")
+    return 0
+
+
+def _remove_socket(path: str, inode: int | None) -> None:
+    # Only our own socket: another worker may have replaced it since.
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ddump-worker`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s ddump-worker %(levelname)s: %(message)s",
+    )
+    try:
+        return asyncio.run(serve(args))
+    except UsageError as error:
+        print(f"ddump-worker: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Reading what tcpdump says: its stderr and the records it writes (pure: no I/O)."""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+LISTENING_MARK = "listening on"
+
+_STATS_LINE = re.compile(
+    r"^\s*(\d+) packets? (captured|received by filter|dropped by kernel|dropped by interface)\s*$"
+)
+
+# How tcpdump says it may not open the capture device; the fix is a capability, not the request.
+_PERMISSION_HINTS = ("permission", "operation not permitted", "not permitted")
+# Failures of the machine, not of the request: retrying later or elsewhere may work.
+_RESOURCE_HINTS = (
+    "cannot allocate memory",
+    "too many open files",
+    "no buffer space",
+    "address family not supported",  # a sandbox without AF_PACKET
+    "no such device",
+)
+
+CAPABILITY_FIX = (
+    "tcpdump needs CAP_NET_RAW. Give it to ddump-worker, which tcpdump inherits: "
+    "systemd `AmbientCapabilities=CAP_NET_RAW` (see packaging/), or by hand "
+    "`setpriv --inh-caps=+net_raw --ambient-caps=+net_raw ddump-worker ...`; "
+    "or grant it to the binary: `setcap cap_net_raw+ep $(command -v tcpdump)`"
+)
+
+
+@dataclass(frozen=True)
+class TcpdumpStats:
+    """The counts tcpdump prints when it exits; None when it did not print them (killed)."""
+
+    captured: int | None = None
+    received: int | None = None
+    dropped_by_kernel: int | None = None
+    dropped_by_interface: int | None = None
+
+
+@dataclass(frozen=True)
+class StartFailure:
+    """Why a capture could not start: the HTTP status to answer and a message for the user."""
+
+    status: int
+    message: str
+
+
+def parse_stats(stderr_text: str) -> TcpdumpStats:
+    """The exit statistics in tcpdump's stderr (`12 packets captured`, ...)."""
+    found: dict[str, int] = {}
+    for line in stderr_text.splitlines():
+        match = _STATS_LINE.match(line)
+        if match:
+            found[match.group(2)] = int(match.group(1))
+    return TcpdumpStats(
+        captured=found.get("captured"),
+        received=found.get("received by filter"),
+        dropped_by_kernel=found.get("dropped by kernel"),
+        dropped_by_interface=found.get("dropped by interface"),
+    )
+
+
+def error_lines(stderr_text: str) -> str:
+    """tcpdump's stderr without its informational lines, `tcpdump: ` prefixes removed."""
+    kept = []
+    for line in stderr_text.splitlines():
+        text = line.strip()
+        if not text or _STATS_LINE.match(text):
+            continue
+        text = text.removeprefix("tcpdump: ")
+        if text.startswith(("data link type ", LISTENING_MARK)):
+            continue
+        kept.append(text)
+    return "\n".join(kept)
+
+
+def classify_start_failure(stderr_text: str, returncode: int | None) -> StartFailure:
+    """Map tcpdump exiting before it listened to a status: 503 for the host, else 400.
+
+    The interface is always `any` and every other option was checked already, so what is left
+    for tcpdump to refuse is the filter: its compile errors have no common wording
+    (`syntax error`, `unknown host 'x'`, `port 99999 out of range`, ...), hence 400 by default.
+    """
+    message = error_lines(stderr_text)
+    if not message:
+        message = f"tcpdump exited with status {returncode} before listening"
+    lowered = message.lower()
+    if any(hint in lowered for hint in _PERMISSION_HINTS):
+        return StartFailure(503, f"tcpdump cannot open the capture: {message}\n{CAPABILITY_FIX}")
+    if any(hint in lowered for hint in _RESOURCE_HINTS):
+        return StartFailure(503, f"tcpdump cannot start on this host now: {message}")
+    return StartFailure(400, f"tcpdump rejected the filter: {message}")
+
+
+class RecordCounter:
+    """Counts pcap records in a stream fed in arbitrary chunks, by skipping over their bodies.
+
+    Only each record's caplen is read: the worker needs a count for its log, not the packets.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.bytes = 0
+        self._caplen: struct.Struct | None = None  # known once the global header is in
+        self._pending = b""  # a partial global or record header
+        self._skip = 0  # bytes of the current record's body still to come
+
+    def feed(self, data: bytes) -> None:
+        """Account for the next bytes of the stream."""
+        self.bytes += len(data)
+        position = 0
+        if self._caplen is None:
+            position = 24 - len(self._pending)
+            self._pending += data[:position]
+            if len(self._pending) < 24:
+                return
+            # tcpdump writes in its host's byte order: a big-endian host's magic reads a1 b2 ...
+            big = self._pending[:2] == b"\xa1\xb2"
+            self._caplen = struct.Struct(">I" if big else "<I")
+            self._pending = b""
+        while position < len(data):
+            if self._skip:
+                taken = min(self._skip, len(data) - position)
+                self._skip -= taken
+                position += taken
+                continue
+            need = 16 - len(self._pending)
+            self._pending += data[position : position + need]
+            position += need
+            if len(self._pending) == 16:
+                self.records += 1
+                (self._skip,) = self._caplen.unpack_from(self._pending, 8)
+                self._pending = b""

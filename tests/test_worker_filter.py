@@ -1,0 +1,316 @@
+"""The worker's pure parts: BPF composition, query checks, tcpdump's words, --listen."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ddump.errors import UsageError
+from ddump.worker.filter import (
+    MAX_FILTER_LEN,
+    FilterError,
+    check_filter,
+    compose_filter,
+    self_exclusion,
+    tcpdump_argv,
+)
+from ddump.worker.main import TcpListen, UnixListen, build_parser, parse_listen
+from ddump.worker.params import CaptureParams, parse_query
+from ddump.worker.tcpdump import (
+    RecordCounter,
+    TcpdumpStats,
+    classify_start_failure,
+    parse_stats,
+)
+
+SELF = "tcp port 8475"
+
+
+def query(**values: str) -> CaptureParams:
+    return parse_query({name: [value.encode()] for name, value in values.items()})
+
+
+# ---- composition: the exclusions always hold ----
+
+
+def test_user_filter_is_anded_inside_its_own_parentheses() -> None:
+    assert compose_filter("tcp or udp", [SELF]) == "not (tcp port 8475) and (tcp or udp)"
+
+
+def test_every_exclusion_is_negated_in_parentheses() -> None:
+    composed = compose_filter("icmp", [SELF, "tcp port 443 or udp port 53"])
+    assert composed == "not (tcp port 8475) and not (tcp port 443 or udp port 53) and (icmp)"
+
+
+def test_no_user_filter_leaves_only_the_exclusions() -> None:
+    assert compose_filter(None, [SELF]) == "not (tcp port 8475)"
+    assert compose_filter(None, []) == ""
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "tcp) or (tcp port 8475",
+        ") or (",
+        "udp or tcp)",
+        "((tcp)",
+        "(",
+        "tcp port 8475) or (1 = 1",
+    ],
+)
+def test_a_filter_that_could_close_the_parentheses_is_refused(attempt: str) -> None:
+    with pytest.raises(FilterError, match="unbalanced parentheses"):
+        check_filter(attempt)
+    with pytest.raises(FilterError):
+        compose_filter(attempt, [SELF])
+
+
+@given(st.text(alphabet="()a ", max_size=40))
+def test_an_accepted_filter_stays_inside_its_parentheses(text: str) -> None:
+    try:
+        checked = check_filter(text)
+    except FilterError:
+        return
+    composed = compose_filter(checked, [SELF])
+    if checked is None:
+        return
+    # The user's part opens right after our `and (` and closes only at the very end.
+    start = composed.index(" and (") + len(" and (")
+    depth = 1
+    for position, char in enumerate(composed[start:], start=start):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            assert position == len(composed) - 1
+    assert depth == 0
+
+
+def test_filters_full_of_parentheses_and_or_are_accepted_when_balanced() -> None:
+    text = "tcp or (udp) or ((tcp port 8475)) or (icmp and (not arp))"
+    assert check_filter(text) == text
+
+
+def test_empty_or_blank_filter_means_none() -> None:
+    assert check_filter("") is None
+    assert check_filter("  \t\n") is None
+
+
+def test_filter_with_nul_is_refused() -> None:
+    with pytest.raises(FilterError, match="NUL"):
+        check_filter("tcp\x00 or udp")
+
+
+def test_filter_longer_than_the_cap_is_refused() -> None:
+    check_filter("a" * MAX_FILTER_LEN)
+    with pytest.raises(FilterError, match="limit"):
+        check_filter("a" * (MAX_FILTER_LEN + 1))
+
+
+# ---- self-exclusion ----
+
+
+def test_unbound_worker_excludes_its_port_on_every_address() -> None:
+    assert self_exclusion(8475) == "tcp port 8475"
+    assert self_exclusion(8475, ["0.0.0.0", "::"]) == "tcp port 8475"
+
+
+def test_bound_worker_excludes_its_port_only_on_its_address() -> None:
+    assert self_exclusion(8475, ["198.18.0.1"]) == "host 198.18.0.1 and tcp port 8475"
+    assert (
+        self_exclusion(9000, ["127.0.0.1", "::1"])
+        == "(host 127.0.0.1 or host ::1) and tcp port 9000"
+    )
+
+
+def test_ipv6_scope_is_dropped_and_names_fall_back_to_the_port() -> None:
+    assert self_exclusion(1, ["fe80::1%eth0"]) == "host fe80::1 and tcp port 1"
+    assert self_exclusion(1, ["localhost"]) == "tcp port 1"
+
+
+# ---- tcpdump argv ----
+
+
+def test_argv_is_fixed_options_then_filter_after_double_dash() -> None:
+    assert tcpdump_argv("/usr/bin/tcpdump", "not (tcp port 8475)") == [
+        "/usr/bin/tcpdump",
+        "-i",
+        "any",
+        "-U",
+        "--immediate-mode",
+        "-w",
+        "-",
+        "--time-stamp-precision=nano",
+        "--",
+        "not (tcp port 8475)",
+    ]
+
+
+def test_argv_carries_buffer_snaplen_and_count() -> None:
+    argv = tcpdump_argv("tcpdump", "udp", snaplen=96, count=10, buffer_kib=4096)
+    assert argv[-8:] == ["-B", "4096", "-s", "96", "-c", "10", "--", "udp"]
+
+
+def test_argv_without_filter_ends_with_double_dash() -> None:
+    assert tcpdump_argv("tcpdump", "")[-1] == "--"
+
+
+# ---- query parameters ----
+
+
+def test_query_accepts_every_documented_parameter() -> None:
+    params = query(filter=" udp ", snaplen="96", count="3", duration="1.5")
+    assert params == CaptureParams(filter="udp", snaplen=96, count=3, duration_ns=1_500_000_000)
+
+
+def test_unknown_parameter_is_refused_with_the_accepted_list() -> None:
+    with pytest.raises(FilterError) as caught:
+        query(interface="eth0")
+    message = str(caught.value)
+    assert "'interface'" in message
+    for name in ("filter", "snaplen", "count", "duration"):
+        assert name in message
+    assert "any" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("snaplen", "0"),
+        ("snaplen", "262145"),
+        ("snaplen", "-1"),
+        ("snaplen", "x"),
+        ("count", "0"),
+        ("count", "1.5"),
+        ("count", "99999999999"),
+        ("duration", "0"),
+        ("duration", "-2"),
+        ("duration", "nan"),
+        ("duration", "inf"),
+        ("duration", "1e999999999"),
+        ("duration", "soon"),
+    ],
+)
+def test_out_of_range_values_are_refused(name: str, value: str) -> None:
+    with pytest.raises(FilterError, match=name):
+        query(**{name: value})
+
+
+def test_duration_is_exact_integer_nanoseconds() -> None:
+    assert query(duration="0.000000001").duration_ns == 1
+    assert query(duration="10").duration_ns == 10 * 10**9
+
+
+def test_a_parameter_given_twice_is_refused() -> None:
+    with pytest.raises(FilterError, match="given 2 times"):
+        parse_query({"count": [b"1", b"2"]})
+
+
+def test_a_parameter_that_is_not_utf8_is_refused() -> None:
+    with pytest.raises(FilterError, match="UTF-8"):
+        parse_query({"filter": [b"\xff"]})
+
+
+# ---- what tcpdump says ----
+
+STDERR_END = """tcpdump: data link type LINUX_SLL2
+tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2), snapshot length 262144 bytes
+12 packets captured
+1 packet received by filter
+3 packets dropped by kernel
+"""
+
+
+def test_exit_statistics_are_parsed_singular_or_plural() -> None:
+    assert parse_stats(STDERR_END) == TcpdumpStats(captured=12, received=1, dropped_by_kernel=3)
+
+
+def test_no_statistics_when_tcpdump_was_killed() -> None:
+    assert parse_stats("tcpdump: listening on any\n") == TcpdumpStats()
+
+
+def test_filter_syntax_error_is_a_400_with_tcpdumps_words() -> None:
+    failure = classify_start_failure(
+        "tcpdump: data link type LINUX_SLL2\n"
+        "tcpdump: can't parse filter expression: syntax error\n",
+        1,
+    )
+    assert failure.status == 400
+    assert "can't parse filter expression: syntax error" in failure.message
+    assert "data link type" not in failure.message
+
+
+def test_missing_capability_is_a_503_naming_the_fix() -> None:
+    failure = classify_start_failure(
+        "tcpdump: any: You don't have permission to perform this capture on that device\n"
+        "(socket: Operation not permitted)\n",
+        1,
+    )
+    assert failure.status == 503
+    assert "CAP_NET_RAW" in failure.message
+    assert "AmbientCapabilities" in failure.message
+    assert "setcap" in failure.message
+
+
+def test_silent_exit_still_explains_itself() -> None:
+    assert "status 1" in classify_start_failure("", 1).message
+
+
+def _pcap(caplens: list[int], big_endian: bool = False) -> bytes:
+    order = ">" if big_endian else "<"
+    out = struct.pack(order + "IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 276)
+    for caplen in caplens:
+        out += struct.pack(order + "IIII", 1, 2, caplen, caplen) + b"x" * caplen
+    return out
+
+
+@given(st.lists(st.integers(1, 50), max_size=60), st.booleans())
+def test_records_are_counted_however_the_stream_is_split(cuts: list[int], big: bool) -> None:
+    data = _pcap([0, 7, 300, 16, 1], big_endian=big)
+    counter = RecordCounter()
+    position = 0
+    for cut in cuts:
+        counter.feed(data[position : position + cut])
+        position += cut
+    counter.feed(data[position:])
+    assert (counter.records, counter.bytes) == (5, len(data))
+
+
+# ---- --listen ----
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":8475", TcpListen(None, 8475)),
+        ("8475", TcpListen(None, 8475)),
+        ("127.0.0.1:9000", TcpListen("127.0.0.1", 9000)),
+        ("[::1]:8475", TcpListen("::1", 8475)),
+        ("[::]:0", TcpListen("::", 0)),
+        ("localhost:1", TcpListen("localhost", 1)),
+        ("unix:/run/ddump.sock", UnixListen("/run/ddump.sock")),
+    ],
+)
+def test_listen_addresses(text: str, expected: TcpListen | UnixListen) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["::1:8475", "host", "[::1]", ":99999", ":x", "unix:", "[::1]x"])
+def test_bad_listen_addresses_say_what_to_write(text: str) -> None:
+    with pytest.raises(UsageError, match="--listen"):
+        parse_listen(text)
+
+
+def test_single_dash_listen_is_accepted() -> None:
+    assert build_parser().parse_args(["-listen", ":1234"]).listen == ":1234"
+    assert build_parser().parse_args(["--listen=unix:/x"]).listen == "unix:/x"
+
+
+def test_help_documents_the_socket_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--socket-mode" in out
+    assert "0660" in out
+    assert "-listen" in out
