@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +26,7 @@ from ddump.pcap import (
     encode_records,
     linktype_name,
 )
+from tests.conftest import require_tool
 
 # --- fixtures, one comment per field ---------------------------------------------------------
 
