@@ -24,6 +24,7 @@ from ddump.worker.capture import (
     missing_tcpdump_message,
 )
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
+from ddump.worker.interfaces import INTERFACES_HEADER, interfaces_header
 from ddump.worker.params import CaptureParams, parse_query
 from ddump.worker.tcpdump import error_lines
 
@@ -174,6 +175,9 @@ class CaptureHandler(TextErrorsHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: stream, do not buffer
         self.set_header(CLOCK_HEADER, str(time.time_ns()))
+        interfaces = interfaces_header()  # now: tcpdump listens, the map is as of its start
+        if interfaces:
+            self.set_header(INTERFACES_HEADER, interfaces)
         try:
             await self.flush()  # headers now: the client knows tcpdump listens
             while True:
