@@ -155,7 +155,7 @@ def test_output_is_read_by_tcpdump_and_tshark(fleet: Workers, tmp_path: Path) ->
         timeout=60,
     )
 
-    assert by_tcpdump.stdout.count("> 198.18.0.2.5004: UDP, length 64") == 40, by_tcpdump
+    assert by_tcpdump.stdout.count(f"> {h2.address}.5004: UDP, length 64") == 40, by_tcpdump
     assert by_tshark.stdout.split() == ["5004"] * 40, by_tshark.stderr
 
 
@@ -176,7 +176,7 @@ def test_worker_killed_mid_stream_is_reported_and_the_others_go_on(
     records = cli.records()
 
     assert status == 1
-    assert "198.18.0.3:8475: connection lost mid-stream" in cli.stderr
+    assert f"{fleet.fleet.hosts[2].address}:8475: connection lost mid-stream" in cli.stderr
     ports = struct.pack(">HH", 0, 5006)[2:]
     got = {seq for (p, seq) in flows(records) if p[2:] == ports}
     assert got == set(range(len(after.sent)))
@@ -193,7 +193,7 @@ def test_bad_filter_on_one_target_names_it_with_tcpdumps_message(
     status = cli.finish()
 
     assert status == 1
-    line = next(x for x in cli.stderr.splitlines() if "198.18.0.2:8475" in x)
+    line = next(x for x in cli.stderr.splitlines() if f"{h2.address}:8475" in x)
     assert "HTTP 400" in line, cli.stderr
     assert len(cli.records()) == 10  # leaving h1; h3 saw none
 
