@@ -266,3 +266,26 @@ def test_output_header_is_nanosecond_pcap(fleet: Workers, tmp_path: Path) -> Non
 
     header = PcapHeader.parse(cli.out.read_bytes()[:24])
     assert header.nano and header.linktype == LINKTYPE_LINUX_SLL2
+
+
+def test_pcapng_names_each_packets_host_and_interface(fleet: Workers, tmp_path: Path) -> None:
+    tshark = require_tool("tshark")
+    h1, h2, _ = fleet.fleet.hosts
+    cli = Cli([fleet.url(0), fleet.url(1)], tmp_path / "out.pcapng")
+    cli.wait_capturing(fleet, 2)
+    udp_traffic(h1, h2, port=5010, count=10, rate=1000)
+    time.sleep(0.6)
+    assert cli.finish() == 0, cli.stderr
+
+    fields = subprocess.run(
+        [tshark, "-r", str(cli.out), "-T", "fields", "-e", "frame.interface_name",
+         "-e", "frame.time_epoch", "-e", "udp.dstport"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    rows = [line.split("\t") for line in fields.stdout.splitlines()]
+
+    assert len(rows) == 20, fields.stderr
+    assert {name for name, _, _ in rows} == {f"{h1.address}:8475:eth0", f"{h2.address}:8475:eth0"}
+    stamps = [int(t.replace(".", "")) for _, t, _ in rows]
+    assert stamps == sorted(stamps) and all(len(t.split(".")[1]) == 9 for _, t, _ in rows)
+    assert {port for _, _, port in rows} == {"5010"}

@@ -21,6 +21,7 @@ from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
 from ddump.inventory import load_inventory
+from ddump.pcapng import PcapngWriter
 from ddump.targets import Target, parse_target, redact, unique_names
 
 
@@ -89,6 +90,9 @@ def run(options: Options, reporter: Reporter) -> ExitStatus:
     contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
     check_tls(targets, contexts)
     output = PcapOutput.open(options.write)
+    if options.format == "pcapng":
+        output.pcapng = PcapngWriter()
+        output.section_comment = "ddump capture of " + ", ".join(t.name for t in targets)
     settings = SessionSettings(
         max_delay_ns=options.max_delay_ns,
         connect_timeout_s=options.connect_timeout_s,

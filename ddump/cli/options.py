@@ -48,6 +48,7 @@ class Options:
     groups: tuple[str, ...]
     filter: str | None
     write: str
+    format: str  # pcap | pcapng
     count: int | None
     duration_ns: int | None
     max_delay_ns: int
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-w", dest="write", default="-", metavar="FILE", help="write the pcap to FILE (- = stdout)"
     )
     output.add_argument(
+        "--format",
+        choices=("pcap", "pcapng"),
+        help="pcap (default; read by everything) or pcapng, which names each packet's host "
+        "and interface (host:eth0) for Wireshark/tshark; -w FILE.pcapng chooses pcapng",
+    )
+    output.add_argument(
         "-c", dest="count", type=_positive_int, metavar="COUNT", help="stop after COUNT packets"
     )
     output.add_argument(
@@ -191,6 +198,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         groups=groups,
         filter=ns.filter,
         write=ns.write,
+        format=ns.format or ("pcapng" if ns.write.endswith(".pcapng") else "pcap"),
         count=ns.count,
         duration_ns=ns.duration,
         max_delay_ns=ns.max_delay,

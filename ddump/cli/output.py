@@ -12,9 +12,12 @@ import contextlib
 import os
 import select
 import stat
+import time
 
+from ddump import __version__
 from ddump.errors import DdumpError
-from ddump.pcap import DEFAULT_SNAPLEN, PcapHeader, Record, encode_records
+from ddump.pcap import DEFAULT_SNAPLEN, LINKTYPE_LINUX_SLL2, PcapHeader, Record, encode_records
+from ddump.pcapng import PcapngWriter, section_header
 
 HIGH_WATER = 4 * 1024 * 1024
 
@@ -24,11 +27,13 @@ class OutputClosed(DdumpError):
 
 
 class PcapOutput:
-    """Writes a nanosecond, little-endian pcap to a file descriptor."""
+    """Writes a nanosecond, little-endian pcap (or pcapng) to a file descriptor."""
 
     def __init__(self, fd: int, *, close_fd: bool = False) -> None:
         self.fd = fd
         self.close_fd = close_fd
+        self.pcapng: PcapngWriter | None = None  # set: records are EPBs, see ddump/pcapng.py
+        self.section_comment: str | None = None
         self.linktype: int | None = None
         self.records = 0
         self.bytes = 0
@@ -65,6 +70,10 @@ class PcapOutput:
             return
         if not self._header_written:
             self._write_header()
+        if self.pcapng is not None:
+            blocks = self.pcapng.take_blocks()
+            if blocks:
+                self._send(blocks)
         data = encode_records(records)
         self.records += len(records)
         self.bytes += len(data)
@@ -74,10 +83,15 @@ class PcapOutput:
         """Make sure the output is a valid pcap, even if no packet came."""
         if not self._header_written:
             self._write_header()
+        if self.pcapng is not None:
+            self._send(self.pcapng.statistics(time.time_ns()))
 
     def _write_header(self) -> None:
         self._header_written = True
-        linktype = self.linktype if self.linktype is not None else 276
+        if self.pcapng is not None:
+            self._send(section_header(f"ddump {__version__}", self.section_comment))
+            return
+        linktype = self.linktype if self.linktype is not None else LINKTYPE_LINUX_SLL2
         self._send(PcapHeader(linktype=linktype, snaplen=DEFAULT_SNAPLEN).to_bytes())
 
     def _send(self, data: bytes) -> None:

@@ -25,7 +25,7 @@ from ddump.pcap import (
     convert_records,
     linktype_name,
 )
-from ddump.targets import Target
+from ddump.targets import Target, redact
 
 TICK_S = 0.02
 STATUS_EVERY_S = 1.0
@@ -54,6 +54,7 @@ class _Run:
     linktype: int | None = None
     clock_offset_ns: int = 0
     opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
+    opened: Opened | None = None
     staged: list[Record] = field(default_factory=list)  # until the output link type is known
     failed: bool = False
     refused: str = ""  # why its records cannot join the output, once known
@@ -185,6 +186,7 @@ class Session:
         run.counts.error = ""
         offset = opened.clock_offset_ns
         run.clock_offset_ns = offset or 0
+        run.opened = opened
         run.opened_at = asyncio.get_running_loop().time()
         note = ""
         if offset is not None:
@@ -212,12 +214,16 @@ class Session:
             run.linktype = run.parser.header.linktype
             run.opened_at = None
             self.merger.start_stream(run.index, run.clock_offset_ns)
+            self._start_pcapng(run)
         if run.refused:
             raise StreamFailure(run.refused)
         if not records or self.stopping:
             return self.output.drained()
         run.counts.packets += len(records)
-        if self.output.linktype is None:
+        if self.output.pcapng is not None:
+            # pcapng keeps every target's own link type: records become EPBs right away.
+            self._push_records(run, self.output.pcapng.encode(run.index, records))
+        elif self.output.linktype is None:
             run.staged.extend(records)
             self._choose_linktype()
         else:
@@ -241,14 +247,35 @@ class Session:
                     run.stream.close()
                 return
             records = convert_records(records, run.linktype, out)
+        self._push_records(run, records)
+
+    def _push_records(self, run: _Run, records: list[Record]) -> None:
         try:
             self._write(self.merger.push(run.index, records))
         except OutputClosed:
             self.stop("output closed")
 
+    def _start_pcapng(self, run: _Run) -> None:
+        header = run.parser.header
+        if self.output.pcapng is None or header is None:
+            return
+        target, opened = run.target, run.opened
+        is_worker = isinstance(target, Target)
+        self.output.pcapng.start_target(
+            run.index,
+            name=target.name,
+            description=redact(target.url) if isinstance(target, Target) else target.path,
+            linktype=header.linktype,
+            snaplen=header.snaplen,
+            interface_names=opened.interfaces if opened else None,
+            filter=target.filter if isinstance(target, Target) else None,
+            device="any" if is_worker else None,
+            start_ns=opened.worker_clock_ns if opened else None,
+        )
+
     def _choose_linktype(self) -> None:
         """Decide the output's link type once every stream has told its own (or failed)."""
-        if self.output.linktype is not None:
+        if self.output.linktype is not None or self.output.pcapng is not None:
             return
         if any(s.live and not s.started for s in self.merger.streams) and not self.stopping:
             return
@@ -297,6 +324,8 @@ class Session:
                 return
             if len(records) >= room:
                 self.output.write(records[:room])
+                if self.output.pcapng is not None:
+                    self.output.pcapng.discard(records[room:])
                 self.stop(f"{count} packets written (-c)")
                 return
         self.output.write(records)

@@ -16,18 +16,20 @@ import base64
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
 
 from ddump import __version__
+from ddump.pcapng import parse_interfaces_header
 from ddump.targets import Target
 
 PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
 CLOCK_HEADER = "X-Ddump-Clock"
+INTERFACES_HEADER = "X-Ddump-Interfaces"
 ERROR_BODY_LIMIT = 4096
 ERROR_BODY_WAIT_S = 2.0  # an error page that never ends must not hold the message back
 READ_SIZE = 256 * 1024
@@ -46,6 +48,8 @@ class Opened:
 
     clock_offset_ns: int | None  # worker clock minus ours, when the worker sent its clock
     content_type: str
+    worker_clock_ns: int | None = None
+    interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
 
 
 DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
@@ -182,8 +186,15 @@ class CaptureStream:
         response.code, response.reason = start.code, start.reason
         if response.code == 200:
             clock = headers.get(CLOCK_HEADER, "")
-            offset = int(clock) - received_ns if clock.isdigit() else None
-            on_opened(Opened(offset, headers.get("Content-Type", "")))
+            worker_ns = int(clock) if clock.isdigit() else None
+            on_opened(
+                Opened(
+                    None if worker_ns is None else worker_ns - received_ns,
+                    headers.get("Content-Type", ""),
+                    worker_ns,
+                    parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
+                )
+            )
             await _read_body(stream, headers, on_data)
         else:
 
