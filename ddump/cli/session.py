@@ -31,6 +31,7 @@ TICK_S = 0.02
 STATUS_EVERY_S = 1.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,8 @@ class Session:
         if self.output.closed:
             return
         self._choose_linktype()
+        if self.merger.buffered > MAX_BUFFERED:
+            self._stop_waiting_for_silent_streams()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
         try:
             self._write(self.merger.release(mark))
@@ -329,6 +332,15 @@ class Session:
                 self.stop(f"{count} packets written (-c)")
                 return
         self.output.write(records)
+
+    def _stop_waiting_for_silent_streams(self) -> None:
+        # Memory stays bounded: past MAX_BUFFERED records, a stream that has not sent its pcap
+        # header yet (still connecting, say) no longer holds the others; what it sends later
+        # is written as late.
+        for run in self.runs:
+            if not self.merger.streams[run.index].started:
+                run.opened_at = None
+                self.merger.start_stream(run.index, run.clock_offset_ns)
 
     def _start_silent_streams(self, now: float) -> None:
         # A worker sends the pcap header as soon as tcpdump starts; one that answered but stays
