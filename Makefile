@@ -14,8 +14,8 @@ test: lint
 	sh packaging/deb-test.sh
 
 lint:
-	$(VENV)/bin/ruff check ddump tests bench
-	$(VENV)/bin/ruff format --check ddump tests bench
+	$(VENV)/bin/ruff check ddump tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check ddump tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 bench:
