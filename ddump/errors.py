@@ -21,4 +21,11 @@ class TargetError(DdumpError):
 
 
 class PcapFormatError(DdumpError):
-    """Bytes that are not a pcap stream, or a record that cannot be valid."""
+    """Bytes that are not a pcap stream, or a record that cannot be valid.
+
+    `records` holds the good records parsed before the bad bytes, which must not be lost.
+    """
+
+    def __init__(self, message: str, records: list[tuple[int, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.records = records if records is not None else []

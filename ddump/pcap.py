@@ -170,7 +170,11 @@ class PcapStreamParser:
             if self.header is None:
                 self._start(PcapHeader.parse(head))
                 continue
-            done, used = self._parse(head, 0)
+            try:
+                done, used = self._parse(head, 0)
+            except PcapFormatError as exc:
+                exc.records[:0] = out
+                raise
             out += done
             self.records += len(done)
             if used < len(head):  # only the record header was complete: now the rest
@@ -179,7 +183,11 @@ class PcapStreamParser:
         if self.header is None:
             self._start(PcapHeader.parse(data))
             pos = GLOBAL_HEADER_LEN
-        done, pos = self._parse(data, pos)
+        try:
+            done, pos = self._parse(data, pos)
+        except PcapFormatError as exc:
+            exc.records[:0] = out
+            raise
         self.records += len(done)
         if pos < size:
             self._chunks = [data[pos:]]
@@ -237,7 +245,7 @@ class PcapStreamParser:
         while pos <= last:
             sec, nsec, caplen = unpack(buf, pos)
             if caplen > limit:
-                self._bad_caplen(caplen, len(out))
+                self._bad_caplen(caplen, out)
             if sec != last_sec:
                 last_sec = sec
                 base = sec * 1_000_000_000
@@ -268,7 +276,7 @@ class PcapStreamParser:
             nxt = start + caplen
             if nxt > end or caplen > limit:
                 if caplen > limit:
-                    self._bad_caplen(caplen, len(out))
+                    self._bad_caplen(caplen, out)
                 self._need = nxt - pos
                 return out, pos
             nsec = frac * scale
@@ -285,11 +293,13 @@ class PcapStreamParser:
         self._need = 16
         return out, pos
 
-    def _bad_caplen(self, caplen: int, parsed_in_chunk: int) -> None:
+    def _bad_caplen(self, caplen: int, good: list[Record]) -> None:
+        self.records += len(good)
         raise PcapFormatError(
-            f"record {self.records + parsed_in_chunk + 1}: caplen {caplen} is larger than "
+            f"record {self.records + 1}: caplen {caplen} is larger than "
             f"{self._limit} (the stream's snaplen or {DEFAULT_SNAPLEN}, whichever is larger): "
-            "the stream is corrupt or not pcap"
+            "the stream is corrupt or not pcap",
+            records=good,
         )
 
 

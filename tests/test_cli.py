@@ -371,3 +371,17 @@ def test_status_line_on_a_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert b"\r\x1b[K1/1 targets capturing" in seen
     assert b"1 packets written" in seen
+
+
+def test_capture_files_merge_by_their_timestamps_alone(tmp_path: Path) -> None:
+    old = 1_600_000_000 * 10**9  # years ago: a wall-clock watermark would pass them all
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    a.write_bytes(pcap_stream([(old + i * 2, sll2_packet(b"a%d" % i)) for i in range(30000)]))
+    b.write_bytes(pcap_stream([(old + i * 2 + 1, sll2_packet(b"b%d" % i)) for i in range(30000)]))
+
+    result = ddump(str(a), f"file://{b}", tmp_path=tmp_path)
+
+    stamps = [ts for ts, _ in result.records()]
+    assert result.status == 0, result.stderr
+    assert stamps == list(range(old, old + 60000))
+    assert "late" not in result.stderr

@@ -505,3 +505,21 @@ def test_tcpdump_reads_what_we_write_including_converted_sll2(tmp_path: Path) ->
     assert lines[0].startswith("1700000000.123456000 ")
     assert "IP 198.18.0.1.1234 > 198.18.0.2.5678: UDP, length 4" in lines[0]
     assert "LINUX_SLL2" in result.stderr
+
+
+@pytest.mark.parametrize(("nano", "big_endian"), [(True, False), (False, True)])
+@pytest.mark.parametrize("split", [None, 30, 60])
+def test_good_records_before_a_bad_caplen_travel_with_the_error(
+    nano: bool, big_endian: bool, split: int | None
+) -> None:
+    good = encode_stream(276, [(1, 1, b"one"), (2, 2, b"two")], nano=nano, big_endian=big_endian)
+    order = ">" if big_endian else "<"
+    stream = good + struct.pack(order + "IIII", 3, 3, 0xFFFFFFFF, 0xFFFFFFFF) + b"junk"
+    parser = PcapStreamParser()
+    kept = parser.feed(stream[:split]) if split else []
+
+    with pytest.raises(PcapFormatError) as caught:
+        parser.feed(stream[split:] if split else stream)
+
+    assert [data[16:] for _, data in kept + caught.value.records] == [b"one", b"two"]
+    assert parser.records == 2

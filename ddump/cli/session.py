@@ -77,7 +77,13 @@ class Session:
         self.reporter = reporter
         self.settings = settings
         self.merger = Merger()
-        self.runs = [_Run(self.merger.add_stream(t.name), t, TargetCounts(t.name)) for t in targets]
+        # A capture file has no clock: it is merged by its timestamps alone.
+        self.runs = [
+            _Run(
+                self.merger.add_stream(t.name, timed=isinstance(t, Target)), t, TargetCounts(t.name)
+            )
+            for t in targets
+        ]
         self.stopping = False
         self.stop_reason = ""
         self._stop_event = asyncio.Event()
@@ -191,36 +197,58 @@ class Session:
         run.opened_at = asyncio.get_running_loop().time()
         note = ""
         if offset is not None:
-            note = f", clock offset {offset / 1e6:+.1f} ms"
-            if abs(offset) > self.settings.max_delay_ns:
-                self.reporter.warn(
-                    f"{run.target.name}: its clock is {abs(offset) / 1e9:.3f} s "
-                    f"{'ahead of' if offset > 0 else 'behind'} this host, more than --max-delay "
-                    f"({self.settings.max_delay_ns / 1e9:g} s): synchronize clocks (NTP) or "
-                    "raise --max-delay, or its packets will be written late"
-                )
+            half = opened.clock_spread_ns // 2
+            note = f", clock offset {(offset + half) / 1e6:+.1f} ms ± {half / 1e6:.1f}"
+            self._check_clock(run, offset, offset + opened.clock_spread_ns)
         if isinstance(run.target, FileSource):
             self.reporter.detail(f"{run.target.name}: reading")
             return
         what = f"filter {run.target.filter!r}" if run.target.filter else "no filter"
         self.reporter.info(f"{run.target.name}: capturing ({what}{note})")
 
+    def _check_clock(self, run: _Run, low: int, high: int) -> None:
+        limit = self.settings.max_delay_ns
+        if low <= limit and high >= -limit:
+            return
+        gap = low if low > limit else -high
+        self.reporter.warn(
+            f"{run.target.name}: its clock is at least {gap / 1e9:.3f} s "
+            f"{'ahead of' if low > limit else 'behind'} this host, more than --max-delay "
+            f"({limit / 1e9:g} s): synchronize clocks (NTP) or raise --max-delay, or its "
+            "packets will be written late"
+        )
+
+    def _learn_clock(self, run: _Run, newest_ns: int) -> None:
+        # A packet cannot arrive before it was captured: each batch's newest timestamp minus
+        # our time bounds the worker's clock offset from below, better than the headers did.
+        low = newest_ns - time.time_ns()
+        if low > run.clock_offset_ns:
+            run.clock_offset_ns = low
+            self.merger.start_stream(run.index, low)
+
     def _on_data(self, run: _Run, chunk: bytes) -> Awaitable[None] | None:
+        run.counts.bytes += len(chunk)
         try:
             records = run.parser.feed(chunk)
         except PcapFormatError as exc:
+            self._accept(run, exc.records)  # the good records before the bad bytes
             raise StreamFailure(f"not a pcap stream: {exc}") from None
-        run.counts.bytes += len(chunk)
+        self._accept(run, records)
+        if run.refused:
+            raise StreamFailure(run.refused)
+        return self.output.drained()
+
+    def _accept(self, run: _Run, records: list[Record]) -> None:
         if run.linktype is None and run.parser.header is not None:
             run.linktype = run.parser.header.linktype
             run.opened_at = None
             self.merger.start_stream(run.index, run.clock_offset_ns)
             self._start_pcapng(run)
-        if run.refused:
-            raise StreamFailure(run.refused)
-        if not records or self.stopping:
-            return self.output.drained()
+        if not records or self.stopping or run.refused:
+            return
         run.counts.packets += len(records)
+        if isinstance(run.target, Target) and self.merger.streams[run.index].started:
+            self._learn_clock(run, records[-1][0])
         if self.output.pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
             self._push_records(run, self.output.pcapng.encode(run.index, records))
@@ -230,7 +258,6 @@ class Session:
         else:
             self._push(run, records)
         self._release()
-        return self.output.drained()
 
     def _push(self, run: _Run, records: list[Record]) -> None:
         assert run.linktype is not None and self.output.linktype is not None

@@ -46,10 +46,14 @@ class StreamFailure(Exception):
 class Opened:
     """What the response headers told us."""
 
-    clock_offset_ns: int | None  # worker clock minus ours, when the worker sent its clock
+    # Worker clock minus ours, when the worker sent its clock: at least `clock_offset_ns` (its
+    # clock was read before we got the headers), at most that plus `clock_spread_ns` (it was
+    # read after we sent the request).
+    clock_offset_ns: int | None
     content_type: str
     worker_clock_ns: int | None = None
     interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
+    clock_spread_ns: int = 0
 
 
 DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
@@ -92,8 +96,9 @@ class CaptureStream:
             return
         response = _Response()
         try:
+            sent_ns = time.time_ns()
             await stream.write(self._request(parts.netloc.rsplit("@", 1)[-1]))
-            await self._read_response(stream, response, on_opened, on_data)
+            await self._read_response(stream, response, sent_ns, on_opened, on_data)
         except iostream.StreamClosedError as exc:
             if self._closing:
                 return
@@ -169,6 +174,7 @@ class CaptureStream:
         self,
         stream: iostream.IOStream,
         response: _Response,
+        sent_ns: int,
         on_opened: OpenedCallback,
         on_data: DataCallback,
     ) -> None:
@@ -193,6 +199,7 @@ class CaptureStream:
                     headers.get("Content-Type", ""),
                     worker_ns,
                     parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
+                    received_ns - sent_ns,
                 )
             )
             await _read_body(stream, headers, on_data)
