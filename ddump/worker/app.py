@@ -33,6 +33,8 @@ log = logging.getLogger("ddump.worker")
 PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
 CLOCK_HEADER = "X-Ddump-Clock"
 RETRY_AFTER_S = 5
+COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
+COALESCE_S = 0.001
 _LOG_FILTER_MAX = 200
 
 
@@ -188,6 +190,11 @@ class CaptureHandler(TextErrorsHandler):
                 # Backpressure: no read before the client took this chunk, so a slow client
                 # fills the pipe, tcpdump blocks, and the kernel counts drops, not our memory.
                 await self.flush()
+                if len(chunk) < COALESCE_BELOW:
+                    # A quiet pipe gives one packet per read: one HTTP chunk, one send and one
+                    # wakeup of the client each. Pausing before the next read lets a few
+                    # packets gather in the pipe (at most COALESCE_S of latency).
+                    await asyncio.sleep(COALESCE_S)
             if capture.stop_reason is None and await capture.wait() not in (0, None):
                 # tcpdump died on its own: no terminating chunk, so the client sees a failure
                 # (a cut stream) rather than a capture that merely ended.
