@@ -97,8 +97,8 @@ def _issue(
     return builder.sign(signing_key, hashes.SHA256()), key
 
 
-def make_pki(directory: Path) -> Pki:
-    """Write a small PKI into `directory`."""
+def make_pki(directory: Path, extra_ips: tuple[str, ...] = ()) -> Pki:
+    """Write a small PKI into `directory`; the server certificate also names `extra_ips`."""
     directory.mkdir(parents=True, exist_ok=True)
     ca = _issue("ddump test CA", None, ca=True)
     wrong = _issue("ddump wrong CA", None, ca=True)
@@ -108,6 +108,7 @@ def make_pki(directory: Path) -> Pki:
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
     sans += [x509.IPAddress(ipaddress.ip_address(f"198.18.0.{i}")) for i in range(1, 11)]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips if ip not in str(sans)]
     server = _issue("localhost", ca, sans=sans, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
     client = _issue("ddump-client", ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
     wrong_client = _issue("ddump-intruder", wrong, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])

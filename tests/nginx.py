@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ class Site:
     name: str
     port: int
     config: str
+    address: str = "127.0.0.1"
 
 
 def free_port() -> int:
@@ -94,6 +96,7 @@ def shipped_site(
     name: str = "ddump_worker",
     mtls: bool = True,
     basic_auth: bool = True,
+    address: str | None = None,
 ) -> Site:
     """The shipped site listening on 127.0.0.1:`port` and [::1]:`port`, proxying to `upstream`
     (`127.0.0.1:8475` or `unix:/path`). `name` keeps several copies apart in one nginx."""
@@ -101,8 +104,12 @@ def shipped_site(
     text = _rewrite(text, "upstream ddump_worker {", f"upstream {name} {{")
     text = _rewrite(text, "proxy_pass http://ddump_worker;", f"proxy_pass http://{name};", 2)
     text = _rewrite(text, "    server 127.0.0.1:8475;", f"    server {upstream};")
-    text = _rewrite(text, "listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
-    text = _rewrite(text, "listen [::]:443 ssl;", f"listen [::1]:{port} ssl;")
+    if address is None:
+        text = _rewrite(text, "listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+        text = _rewrite(text, "listen [::]:443 ssl;", f"listen [::1]:{port} ssl;")
+    else:  # a host of a fleet (tests/netns.py): its own address only
+        text = _rewrite(text, "listen 443 ssl;", f"listen {address}:{port} ssl;")
+        text = _rewrite(text, "listen [::]:443 ssl;", "")
     text = _rewrite(text, "/etc/ddump/tls/server.pem;", f"{files.certificate};")
     text = _rewrite(text, "/etc/ddump/tls/server.key;", f"{files.key};")
     text = _rewrite(text, "/etc/ddump/tls/clients-ca.pem;", f"{files.client_ca};")
@@ -114,7 +121,7 @@ def shipped_site(
         text = _rewrite(text, "ssl_verify_client on;", "ssl_verify_client off;")
     if not basic_auth:
         text = _rewrite(text, 'auth_basic "ddump";', "auth_basic off;")
-    return Site(name, port, text)
+    return Site(name, port, text, address or "127.0.0.1")
 
 
 def _main_config(directory: Path, sites: list[Site]) -> str:
@@ -146,9 +153,11 @@ http {{
 class Nginx:
     """nginx in the foreground (`daemon off`), serving `sites`; a context manager."""
 
-    def __init__(self, directory: Path, sites: list[Site]) -> None:
+    def __init__(self, directory: Path, sites: list[Site], prefix: Sequence[str] = ()) -> None:
+        """`prefix` runs nginx through another command, e.g. `ip netns exec NS`."""
         self.directory = directory
         self.sites = sites
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -163,7 +172,7 @@ class Nginx:
         config.write_text(_main_config(self.directory, self.sites))
         with open(self.directory / "stderr.log", "wb") as stderr:
             self.process = subprocess.Popen(
-                [binary, "-p", f"{self.directory}/", "-c", str(config),
+                [*self.prefix, binary, "-p", f"{self.directory}/", "-c", str(config),
                  "-e", str(self.directory / "error.log"), "-g", "daemon off;"],
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
@@ -171,7 +180,7 @@ class Nginx:
                 start_new_session=True,  # its own group: the teardown takes the workers too
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
-        waiting = [site.port for site in self.sites]
+        waiting = [(site.address, site.port) for site in self.sites]
         while waiting:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -179,7 +188,7 @@ class Nginx:
                 raise RuntimeError(f"nginx did not start:\n{stderr_text}\n{self.error_log}")
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.5),
+                socket.create_connection(waiting[0], timeout=0.5),
             ):
                 waiting.pop(0)
                 continue

@@ -8,6 +8,7 @@ Every case runs with -v, and none may print the password.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import os
 import socket
@@ -558,3 +559,69 @@ def test_unfiltered_capture_behind_nginx_holds_none_of_its_own_stream(tmp_path: 
     assert packets_on_ports(tmp_path / "guarded.pcap", [guarded_port, *worker_ports]) == 0
     assert bad.status == 0, bad.stderr
     assert packets_on_ports(tmp_path / "control.pcap", [control_port]) > 0
+
+
+# ---- the README's deployment, on two hosts ----
+
+
+def test_two_hosts_each_behind_its_own_nginx_merge_into_one_capture(tmp_path: Path) -> None:
+    """Two hosts as the README deploys them (worker on a unix socket, nginx with mTLS and Basic
+    Auth, the proxy's port excluded), one ddump merging both over https."""
+    require_root()
+    for tool in ("nginx", "tcpdump", "ip"):
+        require_tool(tool)
+    from tests.netns import Fleet, parse_seq, udp_traffic
+
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        pki, files = make_files_for(tmp_path, (h1.address, h2.address))
+        port = 8443
+        with contextlib.ExitStack() as stack:
+            for host in fleet.hosts:
+                sock = tmp_path / f"{host.name}.sock"
+                stack.enter_context(
+                    WorkerProcess(
+                        worker_argv("--listen", f"unix:{sock}", "--exclude", f"tcp port {port}"),
+                        host,
+                    )
+                ).wait_listening()
+                site = shipped_site(
+                    files, port=port, upstream=f"unix:{sock}", logs=tmp_path, address=host.address
+                )
+                stack.enter_context(Nginx(tmp_path / f"nginx-{host.name}", [site], host.argv([])))
+            userinfo = f"{USER}:{quote(PASSWORD, safe='')}@"
+            urls = [f"https://{userinfo}{h.address}:{port}/capture?filter=udp" for h in (h1, h2)]
+            tls = [
+                "--ca",
+                str(pki.ca),
+                "--cert",
+                str(pki.client.cert),
+                "--key",
+                str(pki.client.key),
+            ]
+            out = tmp_path / "merged.pcap"
+            cli = subprocess.Popen(
+                [str(DDUMP), "-v", "-w", str(out), *tls, *urls],
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(2)  # both captures start
+            udp_traffic(h1, h2, port=5020, count=20, rate=200)
+            time.sleep(0.6)
+            cli.send_signal(2)
+            _, stderr = cli.communicate(timeout=RUN_TIMEOUT_S)
+
+    parser = PcapStreamParser()
+    records = parser.feed(out.read_bytes())
+    seqs = sorted(seq for _, data in records if (seq := parse_seq(data)) is not None)
+    assert cli.returncode == 0, stderr
+    assert seqs == sorted(list(range(20)) * 2)  # each datagram leaving h1 and arriving at h2
+    assert PASSWORD not in stderr and quote(PASSWORD, safe="") not in stderr
+
+
+def make_files_for(directory: Path, ips: tuple[str, ...]) -> tuple[Pki, SiteFiles]:
+    pki = make_pki(directory / "pki", extra_ips=ips)
+    htpasswd = directory / "htpasswd"
+    htpasswd.write_text(htpasswd_line(USER, PASSWORD))
+    return pki, SiteFiles(pki.server.cert, pki.server.key, pki.ca, htpasswd)
