@@ -8,10 +8,10 @@ PYTEST  := $(VENV)/bin/pytest
 demo:
 	sh .ci/demo
 
-# The suite, then the Debian package built, installed, smoke-tested and purged (about 15 s).
+# The Debian package built, installed, smoke-tested and purged (about 15 s), then the suite.
 test: lint
-	$(PYTEST) -q -ra -p no:cacheprovider tests
 	sh packaging/deb-test.sh
+	$(PYTEST) -q -ra -p no:cacheprovider tests
 
 lint:
 	$(VENV)/bin/ruff check ddump tests $(wildcard bench)
