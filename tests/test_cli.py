@@ -385,3 +385,26 @@ def test_capture_files_merge_by_their_timestamps_alone(tmp_path: Path) -> None:
     assert result.status == 0, result.stderr
     assert stamps == list(range(old, old + 60000))
     assert "late" not in result.stderr
+
+
+def test_second_sigint_exits_at_once_even_with_a_stalled_reader() -> None:
+    body = pcap_stream(numbered("x", list(range(1, 100_001))))  # ~7 MB: more than a pipe holds
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", w.url()],
+            stdout=subprocess.PIPE,  # never read: the output stalls
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        time.sleep(2)
+        proc.send_signal(2)  # the first waits (bounded) for the reader to take what is buffered
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(2)
+        status = proc.wait(timeout=10)
+        elapsed = time.monotonic() - started
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+    assert status == 130
+    assert elapsed < 2
