@@ -408,3 +408,72 @@ def test_second_sigint_exits_at_once_even_with_a_stalled_reader() -> None:
 
     assert status == 130
     assert elapsed < 2
+
+
+def test_duration_stops_the_streams_even_while_the_reader_stalls() -> None:
+    body = pcap_stream(numbered("x", list(range(1, 100_001))))  # ~7 MB: more than a pipe holds
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "--duration", "1", w.url()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while w.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.disconnects == 1, "the stream stayed open while the output was stalled"
+        assert proc.poll() is None  # still handing the buffered packets to the reader
+        out, _ = proc.communicate(timeout=20)  # the reader reads again: everything arrives
+
+    parser = PcapStreamParser()
+    records = parser.feed(out)
+    parser.close()  # whole records only
+    assert proc.returncode == 0
+    # Everything received before the stop, in order; what was still in flight was not ours.
+    assert [data[36:] for _, data in records] == [
+        f"x-{i}@{i + 1}".encode() for i in range(len(records))
+    ]
+    assert len(records) > 1000
+
+
+def test_malformed_response_header_fails_only_that_target(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nthis line has no colon\r\n\r\n")
+            time.sleep(0.5)
+
+    threading.Thread(target=answer, daemon=True).start()
+    good = pcap_stream(numbered("good", [1, 2]))
+    with fake_workers({"/capture": Script(body=[good])}) as (w,):
+        result = ddump(w.url(), f"http://127.0.0.1:{port}", tmp_path=tmp_path)
+    server.close()
+
+    assert result.status == 1
+    assert "malformed response header" in result.stderr
+    assert result.payloads() == [b"good-0@1", b"good-1@2"]
+
+
+def test_a_full_disk_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("x", list(range(1, 20_001))))
+    source = tmp_path / "in.pcap"
+    source.write_bytes(body)
+    out = tmp_path / "small.pcap"
+    proc = subprocess.run(
+        ["sh", "-c", f"ulimit -f 100; exec {sys.executable} -m ddump.cli.main -w {out} {source}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert proc.returncode == 1
+    assert "cannot write the capture: File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr

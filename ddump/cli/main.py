@@ -83,7 +83,10 @@ async def run_session(session: Session) -> bool:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    return await session.run()
+    try:
+        return await session.run()
+    finally:
+        session.output.close()  # in the loop: it unregisters from it
 
 
 def run(options: Options, reporter: Reporter) -> ExitStatus:
@@ -101,11 +104,8 @@ def run(options: Options, reporter: Reporter) -> ExitStatus:
         duration_ns=options.duration_ns,
         reconnect=options.reconnect,
     )
-    try:
-        session = Session(targets, contexts, output, reporter, settings)
-        failed = asyncio.run(run_session(session))
-    finally:
-        output.close()
+    session = Session(targets, contexts, output, reporter, settings)
+    failed = asyncio.run(run_session(session))
     return ExitStatus.ERROR if failed else ExitStatus.OK
 
 

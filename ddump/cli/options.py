@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument(
         "--reconnect",
         action="store_true",
-        help="retry a target that fails or ends, with backoff (1 s doubling to 30 s)",
+        help="retry a target that fails, with backoff (1 s doubling to 30 s, back to 1 s "
+        "once it connects); a target that ends normally is not retried",
     )
 
     tls = parser.add_argument_group(

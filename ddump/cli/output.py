@@ -1,8 +1,9 @@
 """The one pcap we write: a global header once, then only whole records.
 
 Pipes are written without blocking the event loop: what the reader has not taken yet waits in
-a buffer, and past a high-water mark the streams stop reading (their `data_received` awaits
-`drained()`), so a slow reader slows the workers instead of growing our memory.
+a buffer, and past a high-water mark the streams stop reading (the session's data callback
+returns `drained()`, which the stream awaits), so a slow reader slows the workers instead of
+growing our memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import select
 import stat
 import time
+from typing import NoReturn
 
 from ddump import __version__
 from ddump.errors import DdumpError
@@ -41,6 +43,7 @@ class PcapOutput:
         self._pending = bytearray()
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        self.error: DdumpError | None = None  # why the output closed
         mode = os.fstat(fd).st_mode
         self._pollable = not stat.S_ISREG(mode) and not stat.S_ISBLK(mode)
         self._was_blocking = os.get_blocking(fd)
@@ -96,26 +99,36 @@ class PcapOutput:
 
     def _send(self, data: bytes) -> None:
         if self._closed:
-            raise OutputClosed("output closed")
+            raise self.error or OutputClosed("output closed")
         if self._pending:
             self._pending += data
+            return
+        if not self._pollable:
+            # A regular file never says "later" (EAGAIN) and cannot be polled: write it all.
+            view = memoryview(data)
+            while view:
+                view = view[self._os_write(view) :]
             return
         written = self._os_write(data)
         if written < len(data):
             self._pending += data[written:]
             self._watch_writable()
 
-    def _os_write(self, data: bytes | bytearray) -> int:
+    def _os_write(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
             return 0
         except BrokenPipeError:
-            self._closed = True
-            raise OutputClosed("output closed") from None
+            self._fail(OutputClosed("output closed"))
         except OSError as exc:
-            self._closed = True
-            raise DdumpError(f"cannot write the capture: {exc.strerror}") from None
+            self._fail(DdumpError(f"cannot write the capture: {exc.strerror}"))
+        raise AssertionError("unreachable")
+
+    def _fail(self, error: DdumpError) -> NoReturn:
+        self._closed = True
+        self.error = error
+        raise error
 
     def _watch_writable(self) -> None:
         if not self._writer_registered:
@@ -125,30 +138,32 @@ class PcapOutput:
     def _on_writable(self) -> None:
         try:
             written = self._os_write(self._pending)
-        except DdumpError:
+        except DdumpError:  # kept in self.error for the session to report
             self._pending.clear()
             self._stop_watching()
-            self._wake(closed=True)
+            self.wake_all()
             return
         del self._pending[:written]
         if not self._pending:
             self._stop_watching()
         if len(self._pending) < HIGH_WATER:
-            self._wake()
+            self.wake_all()
 
     def _stop_watching(self) -> None:
         if self._writer_registered:
             asyncio.get_running_loop().remove_writer(self.fd)
             self._writer_registered = False
 
-    def _wake(self, closed: bool = False) -> None:
+    def wake_all(self) -> None:
+        """Let every stream waiting for room go on (room came, or the session is stopping)."""
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
     @property
-    def backlog(self) -> int:
+    def unwritten(self) -> int:
+        """Bytes queued that the reader has not taken."""
         return len(self._pending)
 
     def drained(self) -> asyncio.Future[None] | None:
@@ -174,17 +189,22 @@ class PcapOutput:
         for _, events in poller.poll(0):
             if events & (select.POLLERR | select.POLLHUP):
                 self._closed = True
+                self.error = OutputClosed("output closed")
         return self._closed
 
-    async def flush(self, timeout_s: float = 5.0) -> None:
-        """Wait (bounded) until everything queued has been written."""
+    async def flush(self) -> None:
+        """Wait until everything queued has been written (or the reader is gone).
+
+        No time limit: a reader that is alive but slow is waited for, as tcpdump would wait;
+        a second Ctrl-C is the way out.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._pending and not self._closed and loop.time() < deadline:
+        while self._pending and not self._closed:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, 0.05)
+            self.reader_gone()
 
     def close(self) -> None:
         self._stop_watching()

@@ -106,24 +106,38 @@ class Session:
             asyncio.get_running_loop().call_later(
                 self.settings.duration_ns / 1e9, self.stop, "duration reached"
             )
-        await asyncio.gather(*streams)
-        ticker.cancel()
+        try:
+            await asyncio.gather(*streams)
+        finally:
+            ticker.cancel()
+            await self._finish()
+        if self.fatal is not None:
+            raise self.fatal
+        return any(r.failed for r in self.runs)
+
+    async def _finish(self) -> None:
+        """Write what is buffered, in order, end the file validly, and sum up."""
         if not self.output.closed:
             try:
                 self._choose_linktype()
                 self._write(self.merger.drain())
                 self.output.finish()
                 await self.output.flush()
-            except OutputClosed:
-                pass
+            except DdumpError:
+                pass  # kept in output.error
+        self._take_output_error()
         self.reporter.clear_status()
         late = sum(s.late for s in self.merger.streams)
         for r in self.runs:
             r.counts.late = self.merger.streams[r.index].late
-        self.reporter.summary([r.counts for r in self.runs], self.output.records, late)
-        if self.fatal is not None:
-            raise self.fatal
-        return any(r.failed for r in self.runs)
+        written = self.output.records
+        self.reporter.summary([r.counts for r in self.runs], written, late)
+
+    def _take_output_error(self) -> None:
+        # A reader that went away is a normal end (`| head`); any other write error is not.
+        error = self.output.error
+        if error is not None and not isinstance(error, OutputClosed) and self.fatal is None:
+            self.fatal = error
 
     def stop(self, reason: str) -> None:
         """End the session: close every stream (the workers stop their tcpdump)."""
@@ -136,12 +150,14 @@ class Session:
         for r in self.runs:
             if r.stream is not None:
                 r.stream.close()
+        self.output.wake_all()  # streams waiting for room must see the close
 
     async def _stream_target(self, run: _Run) -> None:
         backoff = BACKOFF_FIRST_S
         while not self.stopping:
             run.parser = PcapStreamParser()
             run.linktype = None
+            run.opened = None
             run.stream = self._open(run.target)
             try:
                 await run.stream.run(
@@ -160,13 +176,13 @@ class Session:
             except StreamFailure as exc:
                 if self.stopping and not run.failed:
                     break
-                run.failed = True
-                self.merger.start_stream(run.index, run.clock_offset_ns)
-                run.counts.state = "failed"
-                run.counts.error = str(exc)
-                self.reporter.error(f"{run.target.name}: {exc}")
+                self._failed(run, str(exc))
+            except Exception as exc:  # a bug must cost one target, not the whole capture
+                self._failed(run, f"internal error: {type(exc).__name__}: {exc}")
             if not self.settings.reconnect or self.stopping:
                 break
+            if run.opened is not None:  # it had connected: start the backoff again
+                backoff = BACKOFF_FIRST_S
             run.counts.state = "retrying"
             self.reporter.info(f"{run.target.name}: retrying in {backoff:g} s")
             with contextlib.suppress(TimeoutError):
@@ -178,6 +194,13 @@ class Session:
         self._release()
         if all(s.live is False for s in self.merger.streams):
             self._stop_event.set()
+
+    def _failed(self, run: _Run, message: str) -> None:
+        run.failed = True
+        self.merger.start_stream(run.index, run.clock_offset_ns)
+        run.counts.state = "failed"
+        run.counts.error = message
+        self.reporter.error(f"{run.target.name}: {message}")
 
     def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
         if isinstance(target, FileSource):
@@ -236,7 +259,7 @@ class Session:
         self._accept(run, records)
         if run.refused:
             raise StreamFailure(run.refused)
-        return self.output.drained()
+        return None if self.stopping else self.output.drained()
 
     def _accept(self, run: _Run, records: list[Record]) -> None:
         if run.linktype is None and run.parser.header is not None:
@@ -280,8 +303,13 @@ class Session:
     def _push_records(self, run: _Run, records: list[Record]) -> None:
         try:
             self._write(self.merger.push(run.index, records))
-        except OutputClosed:
-            self.stop("output closed")
+        except DdumpError as exc:
+            self._output_failed(exc)
+
+    def _output_failed(self, exc: DdumpError) -> None:
+        if not isinstance(exc, OutputClosed) and self.fatal is None:
+            self.fatal = exc
+        self.stop(str(exc))
 
     def _start_pcapng(self, run: _Run) -> None:
         header = run.parser.header
@@ -338,11 +366,8 @@ class Session:
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
         try:
             self._write(self.merger.release(mark))
-        except OutputClosed:
-            self.stop("output closed")
         except DdumpError as exc:
-            self.fatal = exc
-            self.stop(str(exc))
+            self._output_failed(exc)
 
     def _write(self, records: list[Record]) -> None:
         if not records:
@@ -387,6 +412,7 @@ class Session:
             self._start_silent_streams(loop.time())
             self._release()
             if self.output.reader_gone():
+                self._take_output_error()
                 self.stop("output closed")
             now = loop.time()
             if self.reporter.live and now >= next_status:

@@ -188,11 +188,14 @@ class CaptureStream:
             start = httputil.parse_response_start_line(first.strip())
         except httputil.HTTPInputError:
             raise StreamFailure(f"not an HTTP response: {first.strip()[:80]!r}") from None
-        headers = httputil.HTTPHeaders.parse(rest)
+        try:
+            headers = httputil.HTTPHeaders.parse(rest)
+        except httputil.HTTPInputError as exc:
+            raise StreamFailure(f"malformed response header: {exc}") from None
         response.code, response.reason = start.code, start.reason
         if response.code == 200:
             clock = headers.get(CLOCK_HEADER, "")
-            worker_ns = int(clock) if clock.isdigit() else None
+            worker_ns = int(clock) if clock.isascii() and clock.isdigit() else None
             on_opened(
                 Opened(
                     None if worker_ns is None else worker_ns - received_ns,
@@ -227,7 +230,10 @@ async def _read_body(
     if "chunked" in headers.get("Transfer-Encoding", "").lower():
         await _read_chunked(stream, deliver)
     elif "Content-Length" in headers:
-        await _read_length(stream, int(headers["Content-Length"]), deliver)
+        length = headers["Content-Length"].strip()
+        if not (length.isascii() and length.isdigit()):
+            raise StreamFailure(f"malformed Content-Length: {length[:40]!r}")
+        await _read_length(stream, int(length), deliver)
     else:
         await _read_until_close(stream, deliver)
 
