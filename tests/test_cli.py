@@ -477,3 +477,22 @@ def test_a_full_disk_is_an_error_not_a_crash(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot write the capture: File too large" in proc.stderr
     assert "Traceback" not in proc.stderr and "unexpected" not in proc.stderr
+
+
+def test_a_quiet_stdin_does_not_freeze_the_session(tmp_path: Path) -> None:
+    header = pcap_stream([])
+    with subprocess.Popen(
+        [sys.executable, "-m", "ddump.cli.main", "--duration", "1", "-w", str(tmp_path / "o"), "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write(header)
+        proc.stdin.flush()  # then nothing more, and the pipe stays open
+        started = time.monotonic()
+        status = proc.wait(timeout=10)
+        elapsed = time.monotonic() - started
+        proc.stdin.close()
+
+    assert status == 0
+    assert elapsed < 5

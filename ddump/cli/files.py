@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 from dataclasses import dataclass
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
+
+from tornado.iostream import PipeIOStream, StreamClosedError
 
 from ddump.cli.stream import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.errors import UsageError
@@ -45,34 +49,62 @@ def parse_file_source(arg: str) -> FileSource:
 
 
 class FileStream:
-    """Reads a capture file in large blocks, with the interface of a CaptureStream."""
+    """Reads a capture file, with the interface of a CaptureStream.
+
+    A regular file is read in large blocks. Standard input and FIFOs are read as they come,
+    without blocking the event loop: a quiet writer must not freeze the other targets, the
+    timers or the signals.
+    """
 
     def __init__(self, source: FileSource) -> None:
         self.source = source
         self._closing = False
+        self._pipe: PipeIOStream | None = None
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
         try:
-            handle = sys.stdin.buffer if self.source.path == "-" else open(self.source.path, "rb")  # noqa: SIM115
+            if self.source.path == "-":
+                fd = os.dup(sys.stdin.fileno())
+            else:
+                fd = os.open(self.source.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise StreamFailure(f"cannot open: {exc.strerror}") from None
-        try:
-            on_opened(Opened(clock_offset_ns=None, content_type="application/vnd.tcpdump.pcap"))
-            while not self._closing:
-                try:
-                    block = handle.read(READ_SIZE)
-                except OSError as exc:
-                    raise StreamFailure(f"cannot read: {exc.strerror}") from None
-                if not block:
-                    return
-                pending = on_data(block)
-                if pending is not None:
-                    await pending
-                else:
-                    await asyncio.sleep(0)  # let the other streams and the output run
-        finally:
-            if handle is not sys.stdin.buffer:
-                handle.close()
+        on_opened(Opened(clock_offset_ns=None, content_type="application/vnd.tcpdump.pcap"))
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            with os.fdopen(fd, "rb") as handle:
+                await self._read_file(handle, on_data)
+        else:
+            self._pipe = PipeIOStream(fd)
+            try:
+                await self._read_pipe(self._pipe, on_data)
+            finally:
+                self._pipe.close()
+
+    async def _read_file(self, handle: BinaryIO, on_data: DataCallback) -> None:
+        while not self._closing:
+            try:
+                block = handle.read(READ_SIZE)
+            except OSError as exc:
+                raise StreamFailure(f"cannot read: {exc.strerror}") from None
+            if not block:
+                return
+            pending = on_data(block)
+            if pending is not None:
+                await pending
+            else:
+                await asyncio.sleep(0)  # let the other streams and the output run
+
+    async def _read_pipe(self, pipe: PipeIOStream, on_data: DataCallback) -> None:
+        while not self._closing:
+            try:
+                block = await pipe.read_bytes(READ_SIZE, partial=True)
+            except StreamClosedError:
+                return
+            pending = on_data(block)
+            if pending is not None:
+                await pending
 
     def close(self) -> None:
         self._closing = True
+        if self._pipe is not None:
+            self._pipe.close()
