@@ -365,6 +365,25 @@ def test_health_reports_the_tcpdump_version(fake: Fake) -> None:
     assert health["libpcap"] == "libpcap version 1.10.0-fake"
 
 
+def test_health_that_tcpdump_does_not_answer_is_503_and_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ddump.worker.app
+
+    monkeypatch.setattr(ddump.worker.app, "VERSION_TIMEOUT_S", 0.5)
+    stuck = tmp_path / "tcpdump"
+    stuck.write_text(f"#!/bin/sh\necho $$ >> {tmp_path}/pids\nexec sleep 30\n")
+    stuck.chmod(0o755)
+    with ThreadWorker(str(stuck)) as worker:
+        response = worker.get("/health")
+        body = response.read()
+
+    assert response.status == 503
+    assert "did not answer within 0.5 s" in json.loads(body)["error"]
+    pids = (tmp_path / "pids").read_text().split()
+    assert pids and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 # ---- the process: signals, unix socket, command line ----
 
 

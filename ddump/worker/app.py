@@ -33,6 +33,7 @@ log = logging.getLogger("ddump.worker")
 PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
 CLOCK_HEADER = "X-Ddump-Clock"
 RETRY_AFTER_S = 5
+VERSION_TIMEOUT_S = 5
 COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
 COALESCE_S = 0.001
 _LOG_FILTER_MAX = 200
@@ -52,6 +53,7 @@ class WorkerState:
     buffer_kib: int | None = None  # tcpdump -B
     unix_socket: bool = False  # clients have no address then
     version: dict[str, str] = field(default_factory=dict)  # cached `tcpdump --version`
+    version_probe: asyncio.Future[dict[str, str]] | None = None
 
 
 def seconds_text(nanoseconds: int) -> str:
@@ -136,6 +138,9 @@ class CaptureHandler(TextErrorsHandler):
         try:
             await capture.start(self.state.start_timeout_ns)
         except CaptureRefused as refused:
+            if self.client_gone:  # tcpdump was stopped because nobody waits for it any more
+                log.info("capture %d: client=%s left before it started", number, self.client())
+                return None
             log.warning(
                 "capture %d refused (%d): client=%s filter=%s: %s",
                 number,
@@ -273,9 +278,18 @@ class HealthHandler(TextErrorsHandler):
 
 
 async def tcpdump_version(state: WorkerState) -> dict[str, str]:
-    """`tcpdump --version`, run once and cached: {"tcpdump": ..., "libpcap": ...}."""
+    """`tcpdump --version`, cached once it answered: {"tcpdump": ..., "libpcap": ...}.
+
+    Concurrent /health requests share one run.
+    """
     if state.version:
         return state.version
+    if state.version_probe is None or state.version_probe.done():
+        state.version_probe = asyncio.ensure_future(_probe_version(state))
+    return await asyncio.shield(state.version_probe)
+
+
+async def _probe_version(state: WorkerState) -> dict[str, str]:
     try:
         process = await asyncio.create_subprocess_exec(
             state.tcpdump,
@@ -284,11 +298,18 @@ async def tcpdump_version(state: WorkerState) -> dict[str, str]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        output, _ = await asyncio.wait_for(process.communicate(), 5)
     except FileNotFoundError:
         raise CaptureRefused(503, missing_tcpdump_message(state.tcpdump)) from None
-    except (TimeoutError, OSError) as error:
+    except OSError as error:
         raise CaptureRefused(503, f"cannot run {state.tcpdump!r} --version: {error}") from None
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), VERSION_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()  # never leave it behind: it has no parent-death signal
+        await process.wait()
+        raise CaptureRefused(
+            503, f"{state.tcpdump} --version did not answer within {VERSION_TIMEOUT_S} s"
+        ) from None
     lines = output.decode("utf-8", "replace").splitlines()
     if process.returncode != 0 or not lines:
         raise CaptureRefused(503, f"{state.tcpdump} --version failed: {' '.join(lines)}")
