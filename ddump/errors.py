@@ -11,15 +11,6 @@ class UsageError(DdumpError):
     """Bad command line, URL or inventory: nothing was started."""
 
 
-class TargetError(DdumpError):
-    """A failure that belongs to one target; `target` is its redacted name."""
-
-    def __init__(self, target: str, message: str) -> None:
-        super().__init__(f"{target}: {message}")
-        self.target = target
-        self.detail = message
-
-
 class PcapFormatError(DdumpError):
     """Bytes that are not a pcap stream, or a record that cannot be valid.
 

@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import yaml
 
 from ddump.errors import UsageError
+from ddump.protocol import DEFAULT_PORT
 from ddump.targets import (
     DEFAULT_PATH,
-    DEFAULT_PORT,
     Endpoint,
     Target,
     make_target,

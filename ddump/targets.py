@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import quote, unquote, unquote_plus
 
 from ddump.errors import UsageError
+from ddump.protocol import DEFAULT_PORT
 
-DEFAULT_PORT = 8475
 DEFAULT_PATH = "/capture"
 SCHEMES = ("http", "https")
 

@@ -69,7 +69,7 @@ class FileStream:
                 fd = os.open(self.source.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise StreamFailure(f"cannot open: {exc.strerror}") from None
-        on_opened(Opened(clock_offset_ns=None, content_type="application/vnd.tcpdump.pcap"))
+        on_opened(Opened(clock_offset_ns=None))
         if stat.S_ISREG(os.fstat(fd).st_mode):
             with os.fdopen(fd, "rb") as handle:
                 await self._read_file(handle, on_data)

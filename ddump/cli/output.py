@@ -161,11 +161,6 @@ class PcapOutput:
             if not waiter.done():
                 waiter.set_result(None)
 
-    @property
-    def unwritten(self) -> int:
-        """Bytes queued that the reader has not taken."""
-        return len(self._pending)
-
     def drained(self) -> asyncio.Future[None] | None:
         """A future to await before reading more input, or None when there is room."""
         if len(self._pending) < HIGH_WATER or self._closed:

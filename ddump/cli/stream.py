@@ -24,12 +24,11 @@ from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
 
 from ddump import __version__
+from ddump.errors import DdumpError
 from ddump.pcapng import parse_interfaces_header
+from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
 from ddump.targets import Target
 
-PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
-CLOCK_HEADER = "X-Ddump-Clock"
-INTERFACES_HEADER = "X-Ddump-Interfaces"
 ERROR_BODY_LIMIT = 4096
 ERROR_BODY_WAIT_S = 2.0  # an error page that never ends must not hold the message back
 READ_SIZE = 256 * 1024
@@ -38,7 +37,7 @@ MAX_HEADER_BYTES = 64 * 1024
 HEADER_GRACE_S = 10.0
 
 
-class StreamFailure(Exception):
+class StreamFailure(DdumpError):
     """The stream failed; the message says why, for the user."""
 
 
@@ -50,7 +49,6 @@ class Opened:
     # clock was read before we got the headers), at most that plus `clock_spread_ns` (it was
     # read after we sent the request).
     clock_offset_ns: int | None
-    content_type: str
     worker_clock_ns: int | None = None
     interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
     clock_spread_ns: int = 0
@@ -65,7 +63,6 @@ class _Response:
     code: int = 0
     reason: str = ""
     error_body: bytes = b""
-    finished: bool = False
 
 
 class CaptureStream:
@@ -199,7 +196,6 @@ class CaptureStream:
             on_opened(
                 Opened(
                     None if worker_ns is None else worker_ns - received_ns,
-                    headers.get("Content-Type", ""),
                     worker_ns,
                     parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
                     received_ns - sent_ns,
@@ -217,7 +213,6 @@ class CaptureStream:
                 _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
             ):
                 await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
-        response.finished = True
 
 
 class _EnoughOfIt(Exception):

@@ -16,6 +16,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
 import ddump
+from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
 from ddump.worker.capture import (
     NS_PER_S,
     Capture,
@@ -24,14 +25,12 @@ from ddump.worker.capture import (
     missing_tcpdump_message,
 )
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
-from ddump.worker.interfaces import INTERFACES_HEADER, interfaces_header
+from ddump.worker.interfaces import interfaces_header
 from ddump.worker.params import CaptureParams, parse_query
 from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")
 
-PCAP_CONTENT_TYPE = "application/vnd.tcpdump.pcap"
-CLOCK_HEADER = "X-Ddump-Clock"
 RETRY_AFTER_S = 5
 VERSION_TIMEOUT_S = 5
 COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty

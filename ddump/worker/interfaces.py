@@ -26,7 +26,9 @@ from collections.abc import Iterable
 from typing import Final
 from urllib.parse import quote
 
-INTERFACES_HEADER: Final = "X-Ddump-Interfaces"
+from ddump import protocol
+
+INTERFACES_HEADER: Final = protocol.INTERFACES_HEADER  # the name tests and callers know
 MAX_VALUE_BYTES: Final = 2048
 TRUNCATED: Final = "..."
 

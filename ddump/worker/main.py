@@ -21,6 +21,7 @@ from tornado.netutil import bind_sockets, bind_unix_socket
 
 import ddump
 from ddump.errors import UsageError
+from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import WorkerState, make_app
 from ddump.worker.capture import NS_PER_S, CaptureRegistry, missing_tcpdump_message
 from ddump.worker.filter import (
@@ -34,7 +35,6 @@ from ddump.worker.spawn import unprivileged_user
 
 log = logging.getLogger("ddump.worker")
 
-DEFAULT_PORT = 8475
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 DEFAULT_MAX_CAPTURES = 16
 DEFAULT_SOCKET_MODE = 0o660

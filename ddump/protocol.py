@@ -1,0 +1,13 @@
+"""What the worker and the CLI agree on over HTTP: one place for the wire names."""
+
+from __future__ import annotations
+
+from typing import Final
+
+DEFAULT_PORT: Final = 8475
+CAPTURE_PATH: Final = "/capture"
+PCAP_CONTENT_TYPE: Final = "application/vnd.tcpdump.pcap"
+# The worker's wall clock in integer nanoseconds since the epoch, when the response starts.
+CLOCK_HEADER: Final = "X-Ddump-Clock"
+# The worker's interface map, `1=lo,2=eth0` (see ddump/worker/interfaces.py).
+INTERFACES_HEADER: Final = "X-Ddump-Interfaces"
