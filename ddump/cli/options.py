@@ -21,14 +21,16 @@ Each TARGET is a ddump-worker URL:
   http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
 PORT defaults to 8475 (for https too), the path to /capture; percent-encode the filter
 (e.g. ?filter=tcp%20port%2080). Targets can also come from an inventory (-f fleet.yaml).
-Only pcap goes to stdout; messages go to stderr.
+A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
+by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
 """
 
 EPILOG = """\
 examples:
   ddump http://web-1 http://web-2 | tcpdump -nl -r -
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
-  ddump --ca ca.pem --cert me.pem --key me.key https://ops@db-1/capture?filter=icmp
+  ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
+  ddump web-1.pcap web-2.pcap -w merged.pcap
 
 exit status:
   0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
