@@ -496,3 +496,14 @@ def test_a_quiet_stdin_does_not_freeze_the_session(tmp_path: Path) -> None:
 
     assert status == 0
     assert elapsed < 5
+
+
+def test_password_for_a_url_user_comes_from_the_environment(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("env", [1]))
+    with fake_workers({"/capture": Script(body=[body])}, basic_auth=("ops", "from-env")) as (w,):
+        url = w.url().replace("http://", "http://ops@")
+        result = ddump(url, tmp_path=tmp_path, env={"DDUMP_PASSWORD": "from-env"})
+
+    assert result.status == 0, result.stderr
+    assert result.payloads() == [b"env-0@1"]
+    assert "from-env" not in result.stderr

@@ -26,6 +26,9 @@ from ddump.pcapng import PcapngWriter
 from ddump.targets import Target, parse_target, redact, unique_names
 
 
+PASSWORD_ENV = "DDUMP_PASSWORD"
+
+
 class ExitStatus(enum.IntEnum):
     OK = 0
     ERROR = 1  # a target failed, or the output could not be written
@@ -40,7 +43,11 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
         if looks_like_file(arg):
             sources.append(parse_file_source(arg))
         else:
-            sources.append(parse_target(arg, default_filter=options.filter))
+            target = parse_target(arg, default_filter=options.filter)
+            if target.username is not None and target.password is None:
+                # `https://ops@host`: the password stays out of the command line (and /proc).
+                target = replace(target, password=os.environ.get(PASSWORD_ENV))
+            sources.append(target)
     for path in options.inventories:
         for target in load_inventory(path, options.groups):
             if target.filter is None and options.filter is not None:
