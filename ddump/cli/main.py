@@ -25,7 +25,6 @@ from ddump.inventory import load_inventory
 from ddump.pcapng import PcapngWriter
 from ddump.targets import Target, parse_target, redact, unique_names
 
-
 PASSWORD_ENV = "DDUMP_PASSWORD"
 
 
