@@ -330,6 +330,17 @@ _CONVERSIONS: Final[dict[tuple[int, int], tuple[int, _Converter]]] = {
 }
 
 
+def output_linktype(inputs: list[int]) -> int:
+    """The link type of one pcap holding records of all `inputs` (non-empty, in target order).
+
+    SLL2 is a superset of SLL (it adds the interface index), so a mixed fleet becomes SLL2
+    without losing anything; otherwise the first input decides and the others must convert.
+    """
+    if LINKTYPE_LINUX_SLL2 in inputs and LINKTYPE_LINUX_SLL in inputs:
+        return LINKTYPE_LINUX_SLL2
+    return inputs[0]
+
+
 def can_convert(src_linktype: int, dst_linktype: int) -> bool:
     """True if records of `src_linktype` can be written into a `dst_linktype` pcap."""
     return src_linktype == dst_linktype or (src_linktype, dst_linktype) in _CONVERSIONS

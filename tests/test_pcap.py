@@ -25,6 +25,7 @@ from ddump.pcap import (
     convert_records,
     encode_records,
     linktype_name,
+    output_linktype,
 )
 from tests.conftest import require_tool
 
@@ -523,3 +524,9 @@ def test_good_records_before_a_bad_caplen_travel_with_the_error(
 
     assert [data[16:] for _, data in kept + caught.value.records] == [b"one", b"two"]
     assert parser.records == 2
+
+
+def test_output_linktype_prefers_sll2_when_fleets_mix_and_else_the_first() -> None:
+    assert output_linktype([LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2]) == LINKTYPE_LINUX_SLL2
+    assert output_linktype([LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL]) == LINKTYPE_LINUX_SLL
+    assert output_linktype([LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2]) == LINKTYPE_ETHERNET

@@ -17,13 +17,12 @@ from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
 from ddump.pcap import (
-    LINKTYPE_LINUX_SLL,
-    LINKTYPE_LINUX_SLL2,
     PcapStreamParser,
     Record,
     can_convert,
     convert_records,
     linktype_name,
+    output_linktype,
 )
 from ddump.targets import Target, redact
 
@@ -338,12 +337,7 @@ class Session:
         known = [r.linktype for r in self.runs if r.linktype is not None]
         if not known:
             return
-        # SLL2 is a superset of SLL (it adds the interface index), so a mixed fleet becomes SLL2
-        # without losing anything; otherwise the first target decides.
-        if LINKTYPE_LINUX_SLL2 in known and LINKTYPE_LINUX_SLL in known:
-            self.output.linktype = LINKTYPE_LINUX_SLL2
-        else:
-            self.output.linktype = known[0]
+        self.output.linktype = output_linktype(known)
         for run in self.runs:
             staged, run.staged = run.staged, []
             if staged:
