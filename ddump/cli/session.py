@@ -219,8 +219,8 @@ class Session:
         run.opened_at = asyncio.get_running_loop().time()
         note = ""
         if offset is not None:
-            half = opened.clock_spread_ns // 2
-            note = f", clock offset {(offset + half) / 1e6:+.1f} ms ± {half / 1e6:.1f}"
+            # The worker reads its clock just before it answers: the low end is the estimate.
+            note = f", clock offset {offset / 1e6:+.1f} ms"
             self._check_clock(run, offset, offset + opened.clock_spread_ns)
         if isinstance(run.target, FileSource):
             self.reporter.detail(f"{run.target.name}: reading")
