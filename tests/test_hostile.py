@@ -619,7 +619,8 @@ def test_chunked_stream_cut_or_malformed_keeps_the_records_before_it(
 
     assert run.status == 1
     assert f"127.0.0.1:{server.port}: " in run.stderr and message in run.stderr
-    assert run.payloads() == [b"one", b"two", *kept]
+    # "cut" has the same timestamp as "one": where it lands depends on how the reads split
+    assert sorted(run.payloads()) == sorted([b"one", b"two", *kept])
 
 
 def test_error_response_that_never_ends_is_reported_without_waiting(tmp_path: Path) -> None:

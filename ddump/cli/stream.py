@@ -24,6 +24,7 @@ from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
 
 from ddump import __version__
+from ddump.cli.chunked import ChunkedDecoder, ChunkedError
 from ddump.errors import DdumpError
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
@@ -239,17 +240,17 @@ async def _pass(result: Awaitable[None] | None) -> None:
 
 
 async def _read_chunked(stream: iostream.IOStream, deliver: DataCallback) -> None:
-    while True:
-        line = await stream.read_until(b"\r\n", max_bytes=128)
+    decoder = ChunkedDecoder()
+    while not decoder.done:
+        data = await stream.read_bytes(READ_SIZE, partial=True)
         try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise StreamFailure(f"malformed chunked body (chunk size {line[:20]!r})") from None
-        if size == 0:
-            return
-        await _read_length(stream, size, deliver)
-        if await stream.read_bytes(2) != b"\r\n":
-            raise StreamFailure("malformed chunked body (a chunk does not end with CRLF)")
+            payload = decoder.feed(data)
+        except ChunkedError as exc:
+            if exc.payload:  # the good bytes before the fault still count
+                await _pass(deliver(exc.payload))
+            raise StreamFailure(str(exc)) from None
+        if payload:
+            await _pass(deliver(payload))
 
 
 async def _read_length(stream: iostream.IOStream, size: int, deliver: DataCallback) -> None:
