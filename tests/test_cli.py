@@ -507,3 +507,22 @@ def test_password_for_a_url_user_comes_from_the_environment(tmp_path: Path) -> N
     assert result.status == 0, result.stderr
     assert result.payloads() == [b"env-0@1"]
     assert "from-env" not in result.stderr
+
+
+def test_a_slow_reader_gets_every_record_and_a_whole_pcap(tmp_path: Path) -> None:
+    source = tmp_path / "in.pcap"
+    source.write_bytes(pcap_stream(numbered("slow", list(range(1, 30_001)))))  # ~2 MB
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddump.cli.main", str(source)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    time.sleep(6)  # longer than any flush deadline would be
+    out, err = proc.communicate(timeout=30)
+
+    parser = PcapStreamParser()
+    records = parser.feed(out)
+    parser.close()
+    assert proc.returncode == 0, err
+    assert len(records) == 30_000
