@@ -33,8 +33,9 @@ from tornado.netutil import bind_sockets
 
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapStreamParser
 from ddump.worker.app import WorkerState, make_app
-from ddump.worker.capture import NS_PER_S, CaptureRegistry
+from ddump.worker.capture import CaptureRegistry
 from ddump.worker.filter import self_exclusion
+from ddump.worker.params import NS_PER_S
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
 
 FAKE_TCPDUMP = r"""#!/bin/sh

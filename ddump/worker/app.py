@@ -18,7 +18,6 @@ from tornado.web import Application, RequestHandler
 import ddump
 from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
 from ddump.worker.capture import (
-    NS_PER_S,
     Capture,
     CaptureRefused,
     CaptureRegistry,
@@ -26,7 +25,7 @@ from ddump.worker.capture import (
 )
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
 from ddump.worker.interfaces import interfaces_header
-from ddump.worker.params import CaptureParams, parse_query
+from ddump.worker.params import NS_PER_S, CaptureParams, parse_query
 from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")

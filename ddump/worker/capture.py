@@ -21,6 +21,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import PipeIOStream, StreamClosedError
 
 from ddump.errors import DdumpError
+from ddump.worker.params import NS_PER_S
 from ddump.worker.spawn import child_setup
 from ddump.worker.tcpdump import (
     LISTENING_MARK,
@@ -30,7 +31,6 @@ from ddump.worker.tcpdump import (
     parse_stats,
 )
 
-NS_PER_S = 10**9
 READ_SIZE = 65536
 STDERR_KEEP = 64 * 1024  # tcpdump says a few lines; a flood of warnings must not grow us
 _EXIT_POLL_S = 0.05  # only where pidfd_open is missing (Linux < 5.3)

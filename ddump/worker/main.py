@@ -23,7 +23,7 @@ import ddump
 from ddump.errors import UsageError
 from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import WorkerState, make_app
-from ddump.worker.capture import NS_PER_S, CaptureRegistry, missing_tcpdump_message
+from ddump.worker.capture import CaptureRegistry, missing_tcpdump_message
 from ddump.worker.filter import (
     DEFAULT_BUFFER_KIB,
     MAX_FILTER_LEN,
@@ -31,6 +31,7 @@ from ddump.worker.filter import (
     check_filter,
     self_exclusion,
 )
+from ddump.worker.params import NS_PER_S
 from ddump.worker.spawn import unprivileged_user
 
 log = logging.getLogger("ddump.worker")
