@@ -526,3 +526,24 @@ def test_a_slow_reader_gets_every_record_and_a_whole_pcap(tmp_path: Path) -> Non
     parser.close()
     assert proc.returncode == 0, err
     assert len(records) == 30_000
+
+
+def test_a_target_that_never_answers_holds_the_output_only_briefly(tmp_path: Path) -> None:
+    import socket
+
+    blackhole = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = blackhole.getsockname()[1]
+    now = time.time_ns()
+    body = pcap_stream([(now, sll2_packet(b"first"))])
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
+        started = time.monotonic()
+        result = ddump(
+            "-c", "1", "--connect-timeout", "20s", w.url(), f"http://127.0.0.1:{port}",
+            tmp_path=tmp_path,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    blackhole.close()
+
+    assert result.status == 0, result.stderr
+    assert result.payloads() == [b"first"]
+    assert elapsed < 8, "the silent target held the output until its timeout"

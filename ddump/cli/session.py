@@ -30,6 +30,7 @@ TICK_S = 0.02
 STATUS_EVERY_S = 1.0
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
 
 
@@ -380,9 +381,9 @@ class Session:
         self.output.write(records)
 
     def _stop_waiting_for_silent_streams(self) -> None:
-        # Memory stays bounded: past MAX_BUFFERED records, a stream that has not sent its pcap
-        # header yet (still connecting, say) no longer holds the others; what it sends later
-        # is written as late.
+        # After the startup grace, or past MAX_BUFFERED records (memory stays bounded), a
+        # stream that has not sent its pcap header yet (still connecting, say) no longer holds
+        # the others: its mark follows the clock like a quiet stream's.
         for run in self.runs:
             if not self.merger.streams[run.index].started:
                 run.opened_at = None
@@ -401,8 +402,15 @@ class Session:
         next_status = 0.0
         last_packets = 0
         loop = asyncio.get_running_loop()
+        # Output waits for every target to start, to know its clock and link type first; but
+        # a target still connecting after the grace (an unreachable host waits out the whole
+        # connect timeout) is then treated like a quiet one, instead of holding everything.
+        grace_ends = loop.time() + max(STARTUP_GRACE_S, self.settings.max_delay_ns / 1e9)
         while True:
             await asyncio.sleep(TICK_S)
+            if grace_ends and loop.time() > grace_ends:
+                grace_ends = 0.0
+                self._stop_waiting_for_silent_streams()
             self._start_silent_streams(loop.time())
             self._release()
             if self.output.reader_gone():
