@@ -136,14 +136,21 @@ def test_merged_capture_holds_every_packet_of_every_host_in_order(
     assert "ddump: 1200 packets written" in cli.stderr
 
 
-def test_output_is_read_by_tcpdump_and_tshark(fleet: Workers, tmp_path: Path) -> None:
-    tshark = require_tool("tshark")
+def capture_h1_to_h2(fleet: Workers, out: Path, *, port: int, count: int) -> Cli:
+    """h1 and h2 captured into `out` while h1 sends `count` datagrams to h2, then stopped."""
     h1, h2, _ = fleet.fleet.hosts
-    cli = Cli([fleet.url(0), fleet.url(1)], tmp_path / "out.pcap")
+    cli = Cli([fleet.url(0), fleet.url(1)], out)
     cli.wait_capturing(fleet, 2)
-    udp_traffic(h1, h2, port=5004, count=20, rate=1000)
+    udp_traffic(h1, h2, port=port, count=count, rate=1000)
     time.sleep(0.6)
     assert cli.finish() == 0, cli.stderr
+    return cli
+
+
+def test_output_is_read_by_tcpdump_and_tshark(fleet: Workers, tmp_path: Path) -> None:
+    tshark = require_tool("tshark")
+    h2 = fleet.fleet.hosts[1]
+    cli = capture_h1_to_h2(fleet, tmp_path / "out.pcap", port=5004, count=20)
 
     by_tcpdump = subprocess.run(
         ["tcpdump", "-nn", "-r", str(cli.out)], capture_output=True, text=True, timeout=30
@@ -271,11 +278,7 @@ def test_output_header_is_nanosecond_pcap(fleet: Workers, tmp_path: Path) -> Non
 def test_pcapng_names_each_packets_host_and_interface(fleet: Workers, tmp_path: Path) -> None:
     tshark = require_tool("tshark")
     h1, h2, _ = fleet.fleet.hosts
-    cli = Cli([fleet.url(0), fleet.url(1)], tmp_path / "out.pcapng")
-    cli.wait_capturing(fleet, 2)
-    udp_traffic(h1, h2, port=5010, count=10, rate=1000)
-    time.sleep(0.6)
-    assert cli.finish() == 0, cli.stderr
+    cli = capture_h1_to_h2(fleet, tmp_path / "out.pcapng", port=5010, count=10)
 
     fields = subprocess.run(
         [tshark, "-r", str(cli.out), "-T", "fields", "-e", "frame.interface_name",
