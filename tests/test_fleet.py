@@ -253,15 +253,17 @@ def test_closed_stdout_ends_quietly_and_stops_remote_captures(fleet: Workers) ->
         assert _tcpdumps(host) == []
 
 
+def _command(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # exited meanwhile
+
+
 def _tcpdumps(host: Host) -> list[int]:
     deadline = time.monotonic() + 3
     while True:
-        found = [
-            pid
-            for pid in host.pids()
-            if Path(f"/proc/{pid}/comm").exists()
-            and Path(f"/proc/{pid}/comm").read_text().strip() == "tcpdump"
-        ]
+        found = [pid for pid in host.pids() if _command(pid) == "tcpdump"]
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)

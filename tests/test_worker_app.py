@@ -37,6 +37,7 @@ from ddump.worker.capture import CaptureRegistry
 from ddump.worker.filter import self_exclusion
 from ddump.worker.params import NS_PER_S
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
+from tests.procs import exit_time
 
 FAKE_TCPDUMP = r"""#!/bin/sh
 if [ "$1" = "--version" ]; then
@@ -168,18 +169,10 @@ class ThreadWorker:
 
 def wait_gone(pid: int, timeout: float) -> float:
     """Seconds until `pid` is gone (or a zombie); fails after `timeout`."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with open(f"/proc/{pid}/stat") as status:
-                if status.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.01)
-    else:
+    seconds = exit_time(pid, timeout)
+    if seconds is None:
         raise AssertionError(f"process {pid} still runs after {timeout} s")
-    return time.monotonic() - start
+    return seconds
 
 
 def wait_for(condition: Any, timeout: float = 5) -> None:

@@ -41,6 +41,7 @@ from tests.netns import (
     udp_traffic,
     worker_argv,
 )
+from tests.procs import exit_time
 
 PORT = 8475
 SLL2_LEN = 20
@@ -168,16 +169,7 @@ def tcpdump_children(worker: WorkerProcess) -> list[int]:
 
 def gone_within(pid: int, timeout: float) -> bool:
     """True once `pid` has exited (gone or a zombie awaiting its reaper) within `timeout`."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.01)
-    return False
+    return exit_time(pid, timeout) is not None
 
 
 def packet_sockets(host: Host) -> int:
