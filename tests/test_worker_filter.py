@@ -265,16 +265,22 @@ def _pcap(caplens: list[int], big_endian: bool = False) -> bytes:
     return out
 
 
-@given(st.lists(st.integers(1, 50), max_size=60), st.booleans())
-def test_records_are_counted_however_the_stream_is_split(cuts: list[int], big: bool) -> None:
-    data = _pcap([0, 7, 300, 16, 1], big_endian=big)
+@given(
+    st.lists(st.integers(0, 300), max_size=12),
+    st.lists(st.integers(0, 50), max_size=60),
+    st.booleans(),
+)
+def test_records_are_counted_however_the_stream_is_split(
+    caplens: list[int], cuts: list[int], big: bool
+) -> None:
+    data = _pcap([0, 7, 300, 16, 1, *caplens], big_endian=big)
     counter = RecordCounter()
     position = 0
     for cut in cuts:
         counter.feed(data[position : position + cut])
         position += cut
     counter.feed(data[position:])
-    assert (counter.records, counter.bytes) == (5, len(data))
+    assert (counter.records, counter.bytes) == (5 + len(caplens), len(data))
 
 
 # ---- --listen ----

@@ -100,38 +100,41 @@ class RecordCounter:
     """Counts pcap records in a stream fed in arbitrary chunks, by skipping over their bodies.
 
     Only each record's caplen is read: the worker needs a count for its log, not the packets.
+    One `unpack_from` per record and no copy (but of a header cut by the end of a read): this
+    runs for every packet the worker relays.
     """
 
     def __init__(self) -> None:
         self.records = 0
         self.bytes = 0
         self._caplen: struct.Struct | None = None  # known once the global header is in
-        self._pending = b""  # a partial global or record header
-        self._skip = 0  # bytes of the current record's body still to come
+        self._next = 0  # stream offset of the next header (global, then each record's)
+        self._carry = b""  # that header's first bytes, when a read ended inside it
 
     def feed(self, data: bytes) -> None:
         """Account for the next bytes of the stream."""
+        first = self.bytes  # stream offset of data[0]
         self.bytes += len(data)
-        position = 0
+        if self._carry:
+            data = self._carry + data
+            first = self._next
+            self._carry = b""
+        pos = self._next - first
         if self._caplen is None:
-            position = 24 - len(self._pending)
-            self._pending += data[:position]
-            if len(self._pending) < 24:
+            if len(data) - pos < 24:
+                self._carry = data[pos:]
                 return
             # tcpdump writes in its host's byte order: a big-endian host's magic reads a1 b2 ...
-            big = self._pending[:2] == b"\xa1\xb2"
+            big = data[pos : pos + 2] == b"\xa1\xb2"
             self._caplen = struct.Struct(">I" if big else "<I")
-            self._pending = b""
-        while position < len(data):
-            if self._skip:
-                taken = min(self._skip, len(data) - position)
-                self._skip -= taken
-                position += taken
-                continue
-            need = 16 - len(self._pending)
-            self._pending += data[position : position + need]
-            position += need
-            if len(self._pending) == 16:
-                self.records += 1
-                (self._skip,) = self._caplen.unpack_from(self._pending, 8)
-                self._pending = b""
+            pos += 24
+        unpack = self._caplen.unpack_from
+        last = len(data) - 16
+        records = 0
+        while pos <= last:
+            pos += 16 + unpack(data, pos + 8)[0]
+            records += 1
+        self.records += records
+        self._next = first + pos
+        if pos < len(data):
+            self._carry = data[pos:]
