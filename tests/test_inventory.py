@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ddump.cli.main import collect_targets
+from ddump.cli.options import parse_args
 from ddump.errors import UsageError
 from ddump.inventory import load_inventory
 from ddump.targets import Target
@@ -442,3 +444,43 @@ def test_a_missing_inventory_file_is_a_usage_error(tmp_path: Path) -> None:
 def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
     text = "targets:\n  - !!python/object/apply:os.system [true]\n"
     assert error_of(tmp_path, text).startswith(":2: ")
+
+
+# ---- --filter and -s on the command line ----
+
+
+def test_command_line_filter_and_snaplen_fill_in_what_targets_do_not_give(tmp_path: Path) -> None:
+    fleet = write(
+        tmp_path,
+        """
+        targets:
+          - host: 198.18.0.1
+          - {host: 198.18.0.2, filter: "tcp port 5432"}
+        """,
+    )
+    options = parse_args(
+        [
+            "-s",
+            "200",
+            "--filter",
+            "udp",
+            "-f",
+            fleet,
+            "http://198.18.0.3",
+            "http://198.18.0.4/capture?snaplen=96&filter=icmp",
+        ]
+    )
+    urls = [target.url for target in collect_targets(options)]
+    assert urls == [
+        "http://198.18.0.3:8475/capture?filter=udp&snaplen=200",
+        "http://198.18.0.4:8475/capture?filter=icmp&snaplen=96",
+        "http://198.18.0.1:8475/capture?filter=udp&snaplen=200",
+        "http://198.18.0.2:8475/capture?filter=tcp%20port%205432&snaplen=200",
+    ]
+    assert [t.filter for t in collect_targets(options)] == ["udp", "icmp", "udp", "tcp port 5432"]
+
+
+@pytest.mark.parametrize("value", ["0", "262145", "-5", "big"])
+def test_bad_snaplen_is_a_usage_error(value: str) -> None:
+    with pytest.raises(UsageError, match="snaplen"):
+        parse_args(["-s", value, "http://198.18.0.1"])

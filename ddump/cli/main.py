@@ -46,12 +46,14 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
             if target.username is not None and target.password is None:
                 # `https://ops@host`: the password stays out of the command line (and /proc).
                 target = replace(target, password=os.environ.get(PASSWORD_ENV))
-            sources.append(target)
+            sources.append(with_snaplen(target, options.snaplen))
     for path in options.inventories:
         for target in load_inventory(path, options.groups):
             if target.filter is None and options.filter is not None:
-                target = parse_target_with_filter(target, options.filter)
-            sources.append(target)
+                target = replace(
+                    with_query_default(target, "filter", options.filter), filter=options.filter
+                )
+            sources.append(with_snaplen(target, options.snaplen))
     if not sources:
         raise UsageError("the inventory selects no targets")
     if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
@@ -60,11 +62,18 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
     return [next(named) if isinstance(s, Target) else s for s in sources]
 
 
-def parse_target_with_filter(target: Target, bpf: str) -> Target:
-    """The same target with `--filter` applied (the inventory gave none)."""
+def with_query_default(target: Target, key: str, value: str) -> Target:
+    """The same target with `key=value` in its query, unless the query gives `key` already."""
     parts = urlsplit(target.url)
-    query = "&".join(q for q in (parts.query, "filter=" + quote(bpf, safe="")) if q)
-    return replace(target, url=urlunsplit(parts._replace(query=query)), filter=bpf)
+    if any(item.partition("=")[0] == key for item in parts.query.split("&")):
+        return target
+    query = "&".join(q for q in (parts.query, f"{key}={quote(value, safe='')}") if q)
+    return replace(target, url=urlunsplit(parts._replace(query=query)))
+
+
+def with_snaplen(target: Target, snaplen: int | None) -> Target:
+    """`-s SNAPLEN` for a target whose URL or inventory entry gives no snaplen."""
+    return target if snaplen is None else with_query_default(target, "snaplen", str(snaplen))
 
 
 def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> None:

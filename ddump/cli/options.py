@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 
 from ddump import __version__
 from ddump.errors import UsageError
+from ddump.pcap import DEFAULT_SNAPLEN
 
 # Spellings users of the earlier ddump type; argparse would read `-ca` as `-c a`.
 SINGLE_DASH_ALIASES = {"-ca": "--ca", "-cert": "--cert", "-key": "--key"}
@@ -51,6 +52,7 @@ class Options:
     inventories: tuple[str, ...]
     groups: tuple[str, ...]
     filter: str | None
+    snaplen: int | None
     write: str
     format: str  # pcap | pcapng
     count: int | None
@@ -83,6 +85,13 @@ def _positive_seconds(text: str) -> int:
     value = parse_seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than zero: {text!r}")
+    return value
+
+
+def _snaplen(text: str) -> int:
+    value = _positive_int(text)
+    if value > DEFAULT_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"at most {DEFAULT_SNAPLEN} (a whole packet)")
     return value
 
 
@@ -124,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     targets.add_argument(
         "--filter", metavar="BPF", help="capture filter for targets that do not give one"
+    )
+    targets.add_argument(
+        "-s",
+        "--snaplen",
+        type=_snaplen,
+        metavar="SNAPLEN",
+        help="keep at most SNAPLEN bytes of each packet, for worker targets that do not give "
+        f"?snaplen= (1..{DEFAULT_SNAPLEN}; default: whole packets). On busy hosts a small "
+        "one (e.g. -s 200 for headers) also lets many more packets fit tcpdump's buffer, so "
+        "fewer are dropped",
     )
 
     output = parser.add_argument_group("output")
@@ -202,6 +221,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         inventories=tuple(ns.inventory),
         groups=groups,
         filter=ns.filter,
+        snaplen=ns.snaplen,
         write=ns.write,
         format=ns.format or ("pcapng" if ns.write.endswith(".pcapng") else "pcap"),
         count=ns.count,
