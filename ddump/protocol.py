@@ -11,3 +11,6 @@ PCAP_CONTENT_TYPE: Final = "application/vnd.tcpdump.pcap"
 CLOCK_HEADER: Final = "X-Ddump-Clock"
 # The worker's interface map, `1=lo,2=eth0` (see ddump/worker/interfaces.py).
 INTERFACES_HEADER: Final = "X-Ddump-Interfaces"
+# Names the capture a /capture response streams, for GET /capture/stats?id=NAME.
+CAPTURE_HEADER: Final = "X-Ddump-Capture"
+STATS_PATH: Final = "/stats"  # appended to the capture path

@@ -69,6 +69,11 @@ stats() {
     echo "0 packets dropped by kernel" >&2
 }
 trap '[ -d "$log" ] && : > "$log/$$.term"; stats; exit 0' TERM
+report() {
+    printf 'tcpdump: %d packets captured, %d packets received by filter, ' $n $((n * 2)) >&2
+    echo "1 packet dropped by kernel" >&2
+}
+trap report USR1
 # Like tcpdump -U: the file header is out before the "listening" line.
 printf '\115\074\262\241\002\000\004\000\000\000\000\000\000\000\000\000'
 printf '\000\000\004\000\024\001\000\000'
@@ -468,3 +473,54 @@ def test_entry_point_help_runs() -> None:
     )
     assert out.returncode == 0
     assert "CAP_NET_RAW" in out.stdout
+
+
+# ---- GET /capture/stats ----
+
+
+def stats_of(worker: ThreadWorker, token: str) -> tuple[int, dict[str, Any]]:
+    response = worker.get(f"/capture/stats?id={token}")
+    body = response.read()
+    return response.status, json.loads(body) if response.status == 200 else {"text": body}
+
+
+def test_stats_of_a_running_capture_come_from_tcpdump_when_asked(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = worker.get("/capture?filter=udp")
+        token = response.getheader("X-Ddump-Capture")
+        assert response.status == 200 and token
+        response.read(PCAP_HEADER_LEN + 3 * RECORD_LEN)  # three packets went out
+        status, stats = stats_of(worker, token)
+        assert status == 200 and stats["running"] is True
+        # The fake prints its count on SIGUSR1 (as tcpdump does), with one drop.
+        assert stats["captured"] >= 3 and stats["received"] == 2 * stats["captured"]
+        assert stats["dropped_by_kernel"] == 1
+        response.close()
+
+
+def test_stats_of_an_ended_capture_are_its_exit_counts(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = worker.get("/capture?count=3")
+        token = response.getheader("X-Ddump-Capture")
+        response.read()
+        wait_for(lambda: len(worker.state.captures) == 0)
+        status, stats = stats_of(worker, token)
+        assert (status, stats) == (
+            200,
+            {
+                "running": False,
+                "captured": 3,
+                "received": 6,
+                "dropped_by_kernel": 0,
+                "dropped_by_interface": None,
+            },
+        )
+
+
+def test_stats_of_an_unknown_capture_are_a_404_and_other_parameters_a_400(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        status, body = stats_of(worker, "no-such-capture")
+        assert status == 404 and b"X-Ddump-Capture" in body["text"]
+        assert stats_of(worker, "")[0] == 404
+        response = worker.get("/capture/stats?id=x&filter=udp")
+        assert response.status == 400 and b"filter" in response.read()

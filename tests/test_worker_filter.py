@@ -23,7 +23,9 @@ from ddump.worker.tcpdump import (
     RecordCounter,
     TcpdumpStats,
     classify_start_failure,
+    error_lines,
     parse_stats,
+    stats_counts,
 )
 
 SELF = "tcp port 8475"
@@ -224,6 +226,20 @@ tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2), snapshot leng
 
 def test_exit_statistics_are_parsed_singular_or_plural() -> None:
     assert parse_stats(STDERR_END) == TcpdumpStats(captured=12, received=1, dropped_by_kernel=3)
+
+
+def test_statistics_on_request_are_one_line_and_the_latest_counts_win() -> None:
+    stderr = (
+        "tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2)\n"
+        "tcpdump: 5 packets captured, 9 packets received by filter, 0 packets dropped by kernel\n"
+        "tcpdump: 8 packets captured, 20 packets received by filter, 4 packets dropped by kernel\n"
+    )
+    assert parse_stats(stderr) == TcpdumpStats(captured=8, received=20, dropped_by_kernel=4)
+    assert parse_stats(stderr + "9 packets captured\n") == TcpdumpStats(9, 20, 4)
+    assert stats_counts("tcpdump: 5 packets captured, and then some") == {}
+    assert error_lines(stderr + "tcpdump: pcap_loop: The interface disappeared\n") == (
+        "pcap_loop: The interface disappeared"
+    )
 
 
 def test_no_statistics_when_tcpdump_was_killed() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import http.client
+import json
 import os
 import pwd
 import shutil
@@ -196,6 +197,36 @@ def test_every_udp_datagram_sent_is_captured_in_order_byte_for_byte(
     assert client.parser.header.linktype == LINKTYPE_LINUX_SLL2
     assert client.parser.header.nano
     assert udp_payloads(client.packets(), 5000) == sent.sent
+
+
+def capture_stats(worker: WorkerProcess, client: CaptureClient) -> dict[str, Any]:
+    """GET /capture/stats for the client's capture."""
+    token = client.response.getheader("X-Ddump-Capture")
+    host, port = worker.address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", f"/capture/stats?id={token}")
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    stats: dict[str, Any] = json.loads(response.read())
+    connection.close()
+    return stats
+
+
+def test_tcpdumps_counts_are_there_while_it_runs_and_after(fleet: Fleet, tcpdump: str) -> None:
+    h1, h2 = fleet.hosts
+    with start_worker(h1, tcpdump) as worker:
+        client = capture(worker, "filter=udp+port+5000")
+        udp_traffic(h2, h1, port=5000, count=200, rate=2000)
+        client.wait(lambda: len(client.records) >= 200)
+        running = capture_stats(worker, client)  # tcpdump is asked with SIGUSR1
+        [pid] = tcpdump_children(worker)
+        client.close()
+        assert gone_within(pid, 2)
+        ended = capture_stats(worker, client)  # its exit counts, kept by the worker
+    assert running["running"] is True and running["captured"] >= 200
+    assert running["dropped_by_kernel"] == 0
+    assert ended["running"] is False and ended["captured"] >= 200
+    assert ended["received"] >= ended["captured"] and ended["dropped_by_kernel"] == 0
 
 
 def test_tcp_stream_and_icmp_echoes_are_captured_whole(fleet: Fleet, tcpdump: str) -> None:
@@ -418,6 +449,7 @@ def test_worker_as_nobody_with_only_cap_net_raw_captures(fleet: Fleet, tcpdump: 
             assert Path(f"/proc/{pid}/status").read_text().count("65534") >= 1
             sent = udp_traffic(h2, h1, port=5000, count=10)
             client.wait_end()
+            assert capture_stats(worker, client)["captured"] == 10
             assert "running as root" not in worker.log()
             assert worker.stop() == 0
     assert udp_payloads(client.packets(), 5000) == sent.sent

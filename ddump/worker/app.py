@@ -16,8 +16,16 @@ from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
 import ddump
-from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
+from ddump.protocol import (
+    CAPTURE_HEADER,
+    CAPTURE_PATH,
+    CLOCK_HEADER,
+    INTERFACES_HEADER,
+    PCAP_CONTENT_TYPE,
+    STATS_PATH,
+)
 from ddump.worker.capture import (
+    ENDED_KEEP_S,
     Capture,
     CaptureRefused,
     CaptureRegistry,
@@ -32,6 +40,7 @@ log = logging.getLogger("ddump.worker")
 
 RETRY_AFTER_S = 5
 VERSION_TIMEOUT_S = 5
+STATS_TIMEOUT_NS = NS_PER_S  # for tcpdump to print its counts when asked
 COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
 COALESCE_S = 0.001
 _LOG_FILTER_MAX = 200
@@ -180,6 +189,7 @@ class CaptureHandler(TextErrorsHandler):
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: stream, do not buffer
         self.set_header(CLOCK_HEADER, str(time.time_ns()))
+        self.set_header(CAPTURE_HEADER, capture.token)
         interfaces = interfaces_header()  # now: tcpdump listens, the map is as of its start
         if interfaces:
             self.set_header(INTERFACES_HEADER, interfaces)
@@ -249,6 +259,42 @@ def _exit_reason(capture: Capture, params: CaptureParams) -> str:
         return "count reached" if params.count else "tcpdump exited"
     detail = error_lines(capture.stderr_text).replace("\n", "; ")
     return f"tcpdump failed: {detail or 'no message'}"
+
+
+class CaptureStatsHandler(TextErrorsHandler):
+    """GET /capture/stats?id=NAME: tcpdump's counts for one capture, running or recently ended.
+
+    NAME is the X-Ddump-Capture header of the capture's response. The drop counts are what a
+    user needs to trust a capture: the CLI asks for them when it ends.
+    """
+
+    def initialize(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def get(self) -> None:
+        unknown = set(self.request.query_arguments) - {"id"}
+        if unknown:
+            return self.refuse(400, f"unknown parameter {sorted(unknown)[0]!r}: only id=NAME")
+        token = self.get_query_argument("id", "")
+        found = self.state.captures.find(token) if token else None
+        if found is None:
+            return self.refuse(
+                404,
+                f"no such capture: the id is a capture's {CAPTURE_HEADER} header, known while "
+                f"it runs and for {ENDED_KEEP_S // 60} minutes after it ends",
+            )
+        running = isinstance(found, Capture) and found.running
+        stats = await found.current_stats(STATS_TIMEOUT_NS) if isinstance(found, Capture) else found
+        self.set_header("Cache-Control", "no-store")
+        self.finish(
+            {
+                "running": running,
+                "captured": stats.captured,
+                "received": stats.received,
+                "dropped_by_kernel": stats.dropped_by_kernel,
+                "dropped_by_interface": stats.dropped_by_interface,
+            }
+        )
 
 
 class HealthHandler(TextErrorsHandler):
@@ -331,7 +377,8 @@ def make_app(state: WorkerState) -> Application:
     """The Tornado application of one worker."""
     return Application(
         [
-            (r"/capture", CaptureHandler, {"state": state}),
+            (CAPTURE_PATH, CaptureHandler, {"state": state}),
+            (CAPTURE_PATH + STATS_PATH, CaptureStatsHandler, {"state": state}),
             (r"/health", HealthHandler, {"state": state}),
         ],
         log_function=_log_request,

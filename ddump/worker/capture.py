@@ -12,8 +12,11 @@ import asyncio
 import contextlib
 import os
 import pwd
+import secrets
 import signal
 import subprocess
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -28,11 +31,14 @@ from ddump.worker.tcpdump import (
     RecordCounter,
     TcpdumpStats,
     classify_start_failure,
-    parse_stats,
+    stats_counts,
 )
 
 READ_SIZE = 65536
 STDERR_KEEP = 64 * 1024  # tcpdump says a few lines; a flood of warnings must not grow us
+STDERR_LINE_MAX = 4096  # a longer "line" is not one of tcpdump's statistics lines
+ENDED_KEEP = 256  # ended captures whose statistics a client can still ask for...
+ENDED_KEEP_S = 600  # ...for this long
 _EXIT_POLL_S = 0.05  # only where pidfd_open is missing (Linux < 5.3)
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -124,12 +130,18 @@ class Capture:
         self.stop_grace_ns = stop_grace_ns
         self.abort_grace_ns = abort_grace_ns
         self.counter = RecordCounter()
+        # Names this capture in GET /capture/stats?id=...: unguessable, so a client can only
+        # ask about its own captures.
+        self.token = secrets.token_urlsafe(12)
         self.returncode: int | None = None
         self.stop_reason: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._stdout: PipeReader | None = None
         self._stderr_stream: PipeIOStream | None = None
         self._stderr = bytearray()
+        self._stderr_line = b""  # an incomplete last line
+        self._counts: dict[str, int] = {}  # the latest statistics tcpdump printed
+        self._reported = asyncio.Event()  # set (and replaced) whenever it prints them
         self._listening: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
         self._stderr_done = asyncio.Event()
@@ -146,7 +158,24 @@ class Capture:
 
     @property
     def stats(self) -> TcpdumpStats:
-        return parse_stats(self.stderr_text)
+        return TcpdumpStats.from_counts(self._counts)
+
+    async def current_stats(self, timeout_ns: int) -> TcpdumpStats:
+        """tcpdump's counts now: asked for with SIGUSR1 while it runs, else its exit counts."""
+        if self._process is None:
+            return self.stats
+        if not self.running:
+            await self.wait(timeout_ns)
+            return self.stats
+        reported = self._reported
+        if self.stop_reason is None and self._listening.done() and self._listening.result():
+            # Only once it listens: before, SIGUSR1 still has its default action (exit).
+            self._signal_process(signal.SIGUSR1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reported.wait(), timeout_ns / NS_PER_S)
+        if self.stop_reason is not None:  # it is on its way out: its exit counts are final
+            await self.wait(timeout_ns)
+        return self.stats
 
     async def start(self, timeout_ns: int) -> None:
         """Run tcpdump and return once it listens; raise CaptureRefused if it cannot."""
@@ -249,6 +278,12 @@ class Capture:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self._process.pid, signum)
 
+    def _signal_process(self, signum: int) -> None:
+        if self._process is None or self._exited.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, signum)
+
     def _watch_exit(self) -> None:
         assert self._process is not None
         loop = IOLoop.current()
@@ -288,6 +323,7 @@ class Capture:
                 data = await stream.read_bytes(4096, partial=True)
                 if len(self._stderr) < STDERR_KEEP:
                     self._stderr += data[: STDERR_KEEP - len(self._stderr)]
+                self._take_stats(data)
                 if not self._listening.done() and LISTENING_MARK in self.stderr_text:
                     self._listening.set_result(True)
         except StreamClosedError:
@@ -297,6 +333,19 @@ class Capture:
             if not self._listening.done():
                 self._listening.set_result(False)
             self._stderr_done.set()
+            self._reported.set()
+
+    def _take_stats(self, data: bytes) -> None:
+        # Line by line as they come, not from the kept stderr, which a long capture asked for
+        # its counts many times could fill.
+        *lines, rest = (self._stderr_line + data).split(b"\n")
+        self._stderr_line = rest[-STDERR_LINE_MAX:]
+        for line in lines:
+            counts = stats_counts(line.decode("utf-8", "replace"))
+            if counts:
+                self._counts.update(counts)
+                self._reported.set()
+                self._reported = asyncio.Event()
 
 
 class CaptureRegistry:
@@ -306,6 +355,9 @@ class CaptureRegistry:
         self.limit = limit
         self.closing = False
         self._active: set[Capture] = set()
+        self._by_token: dict[str, Capture] = {}
+        # token -> (statistics, monotonic time it ended), oldest first
+        self._ended: OrderedDict[str, tuple[TcpdumpStats, float]] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
         self.started = 0
@@ -319,14 +371,29 @@ class CaptureRegistry:
     def add(self, capture: Capture) -> int:
         """Register a capture; returns its number for the log."""
         self._active.add(capture)
+        self._by_token[capture.token] = capture
         self._idle.clear()
         self.started += 1
         return self.started
 
     def remove(self, capture: Capture) -> None:
         self._active.discard(capture)
+        if self._by_token.pop(capture.token, None) is not None:
+            self._ended[capture.token] = (capture.stats, time.monotonic())
+            while len(self._ended) > ENDED_KEEP:
+                self._ended.popitem(last=False)
         if not self._active:
             self._idle.set()
+
+    def find(self, token: str) -> Capture | TcpdumpStats | None:
+        """The running capture named `token`, or the statistics of a recently ended one."""
+        capture = self._by_token.get(token)
+        if capture is not None:
+            return capture
+        ended = self._ended.get(token)
+        if ended is None or time.monotonic() - ended[1] > ENDED_KEEP_S:
+            return None
+        return ended[0]
 
     def stop_all(self, reason: str) -> None:
         self.closing = True

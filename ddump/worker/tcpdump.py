@@ -33,12 +33,22 @@ CAPABILITY_FIX = (
 
 @dataclass(frozen=True)
 class TcpdumpStats:
-    """The counts tcpdump prints when it exits; None when it did not print them (killed)."""
+    """The counts tcpdump prints (at exit, or on SIGUSR1); None when it did not print them."""
 
     captured: int | None = None
     received: int | None = None
     dropped_by_kernel: int | None = None
     dropped_by_interface: int | None = None
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, int]) -> TcpdumpStats:
+        """From what `stats_counts` found."""
+        return cls(
+            captured=counts.get("captured"),
+            received=counts.get("received by filter"),
+            dropped_by_kernel=counts.get("dropped by kernel"),
+            dropped_by_interface=counts.get("dropped by interface"),
+        )
 
 
 @dataclass(frozen=True)
@@ -49,19 +59,28 @@ class StartFailure:
     message: str
 
 
+def stats_counts(line: str) -> dict[str, int]:
+    """The counts in one line of tcpdump's stderr ({} if it is not a statistics line).
+
+    At exit tcpdump prints one count a line (`12 packets captured`); on SIGUSR1 all of them on
+    one (`tcpdump: 12 packets captured, 30 packets received by filter, 0 packets dropped by
+    kernel`).
+    """
+    counts: dict[str, int] = {}
+    for part in line.strip().removeprefix("tcpdump: ").split(","):
+        match = _STATS_LINE.match(part)
+        if match is None:
+            return {}
+        counts[match.group(2)] = int(match.group(1))
+    return counts
+
+
 def parse_stats(stderr_text: str) -> TcpdumpStats:
-    """The exit statistics in tcpdump's stderr (`12 packets captured`, ...)."""
-    found: dict[str, int] = {}
+    """The latest statistics in tcpdump's stderr."""
+    counts: dict[str, int] = {}
     for line in stderr_text.splitlines():
-        match = _STATS_LINE.match(line)
-        if match:
-            found[match.group(2)] = int(match.group(1))
-    return TcpdumpStats(
-        captured=found.get("captured"),
-        received=found.get("received by filter"),
-        dropped_by_kernel=found.get("dropped by kernel"),
-        dropped_by_interface=found.get("dropped by interface"),
-    )
+        counts.update(stats_counts(line))
+    return TcpdumpStats.from_counts(counts)
 
 
 def error_lines(stderr_text: str) -> str:
@@ -69,7 +88,7 @@ def error_lines(stderr_text: str) -> str:
     kept = []
     for line in stderr_text.splitlines():
         text = line.strip()
-        if not text or _STATS_LINE.match(text):
+        if not text or stats_counts(text):
             continue
         text = text.removeprefix("tcpdump: ")
         if text.startswith(("data link type ", LISTENING_MARK)):
