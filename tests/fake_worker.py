@@ -61,6 +61,7 @@ class _Handler(tornado.web.RequestHandler):
     async def get(self, *_: Any) -> None:
         worker = self.worker
         worker.requests.append((self.request.path, dict(self.request.headers)))
+        worker.uris.append(self.request.uri or "")
         if worker.basic_auth is not None:
             expected = "Basic " + base64.b64encode(":".join(worker.basic_auth).encode()).decode()
             if self.request.headers.get("Authorization") != expected:
@@ -122,6 +123,7 @@ class FakeWorker:
         self.ssl_context = ssl_context
         self.basic_auth = basic_auth
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.uris: list[str] = []
         self.disconnects = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None

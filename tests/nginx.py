@@ -102,7 +102,7 @@ def shipped_site(
     (`127.0.0.1:8475` or `unix:/path`). `name` keeps several copies apart in one nginx."""
     text = SHIPPED_SITE.read_text()
     text = _rewrite(text, "upstream ddump_worker {", f"upstream {name} {{")
-    text = _rewrite(text, "proxy_pass http://ddump_worker;", f"proxy_pass http://{name};", 2)
+    text = _rewrite(text, "proxy_pass http://ddump_worker;", f"proxy_pass http://{name};", 3)
     text = _rewrite(text, "    server 127.0.0.1:8475;", f"    server {upstream};")
     if address is None:
         text = _rewrite(text, "listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -547,3 +548,41 @@ def test_a_target_that_never_answers_holds_the_output_only_briefly(tmp_path: Pat
     assert result.status == 0, result.stderr
     assert result.payloads() == [b"first"]
     assert elapsed < 8, "the silent target held the output until its timeout"
+
+
+# ---- tcpdump's counts, asked of each worker at the end ----
+
+
+def test_kernel_drops_the_workers_report_are_summed_up_and_warned_about(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("a", [10, 20]))
+    stats = b'{"running": false, "captured": 2, "received": 9, "dropped_by_kernel": 7}'
+    routes = {
+        "/capture": Script(body=[body], headers={"X-Ddump-Capture": "cap-1_A"}),
+        "/capture/stats": Script(body=[stats]),
+    }
+    with fake_workers(routes, basic_auth=("ops", "pw")) as (w,):
+        url = w.url().replace("http://", "http://ops:pw@")
+        result = ddump(url, "--format", "pcapng", tmp_path=tmp_path)
+    assert result.status == 0, result.stderr
+    assert w.uris[-1] == "/capture/stats?id=cap-1_A"
+    assert w.requests[-1][1]["Authorization"] == w.requests[0][1]["Authorization"]
+    assert "2 packets, " in result.stderr and "7 dropped by the kernel" in result.stderr
+    assert "warning: 7 packets were dropped by the kernel" in result.stderr
+    assert f"127.0.0.1:{w.port}: 7" in result.stderr
+    # pcapng ends with them too: isb_ifrecv (4) = 9 and isb_ifdrop (5) = 7.
+    assert struct.pack("<HHQ", 4, 8, 9) + struct.pack("<HHQ", 5, 8, 7) in result.pcap
+
+
+def test_a_worker_without_counts_leaves_the_summary_without_drops(tmp_path: Path) -> None:
+    body = pcap_stream(numbered("a", [10]))
+    with (
+        fake_workers({"/capture": Script(body=[body], headers={"X-Ddump-Capture": "x1"})}) as (
+            old,
+        ),
+        fake_workers({"/capture": Script(body=[body])}) as (older,),
+    ):
+        result = ddump("-v", old.url(), older.url(), tmp_path=tmp_path)
+    assert result.status == 0, result.stderr
+    assert "dropped" not in result.stderr.replace("no drop counts", "")
+    assert "no drop counts from the worker: HTTP 404" in result.stderr
+    assert old.uris[-1] == "/capture/stats?id=x1" and older.uris == ["/capture"]

@@ -353,6 +353,8 @@ def test_shipped_site_needs_both_certificate_and_password(proxy: Proxy, tmp_path
     )  # fmt: skip
 
     good.assert_captured(3)
+    # The shipped site passes GET /capture/stats: the summary has tcpdump's drop count.
+    assert "0 dropped by the kernel" in good.stderr, good.stderr
     assert no_cert.status == 1 and "HTTP 400" in no_cert.stderr
     assert no_password.status == 1 and "HTTP 401" in no_password.stderr
     for result in (good, no_cert, no_password):
@@ -478,9 +480,10 @@ def test_shipped_site_forwards_the_client_address_but_not_its_password(
 @pytest.mark.parametrize(
     ("method", "path", "expected"),
     [("GET", "/", 404), ("GET", "/capture/../etc/passwd", 404), ("GET", "/admin", 404),
-     ("POST", "/capture", 403), ("DELETE", "/health", 403)],
+     ("GET", "/capture/stats/x", 404), ("POST", "/capture", 403), ("DELETE", "/health", 403),
+     ("POST", "/capture/stats", 403)],
 )  # fmt: skip
-def test_shipped_site_forwards_nothing_but_get_capture_and_health(
+def test_shipped_site_forwards_nothing_but_get_capture_stats_and_health(
     scripted_upstream: tuple[FakeWorker, Site, Pki], method: str, path: str, expected: int
 ) -> None:
     upstream, site, pki = scripted_upstream

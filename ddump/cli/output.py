@@ -14,12 +14,13 @@ import os
 import select
 import stat
 import time
+from collections.abc import Mapping
 from typing import NoReturn
 
 from ddump import __version__
 from ddump.errors import DdumpError
 from ddump.pcap import DEFAULT_SNAPLEN, LINKTYPE_LINUX_SLL2, PcapHeader, Record, encode_records
-from ddump.pcapng import PcapngWriter, section_header
+from ddump.pcapng import CaptureCounts, PcapngWriter, section_header
 
 HIGH_WATER = 4 * 1024 * 1024
 
@@ -82,12 +83,15 @@ class PcapOutput:
         self.bytes += len(data)
         self._send(data)
 
-    def finish(self) -> None:
-        """Make sure the output is a valid pcap, even if no packet came."""
+    def finish(self, capture_counts: Mapping[int, CaptureCounts] | None = None) -> None:
+        """Make sure the output is a valid pcap, even if no packet came.
+
+        pcapng ends with statistics, tcpdump's own per target where `capture_counts` has them.
+        """
         if not self._header_written:
             self._write_header()
         if self.pcapng is not None:
-            self._send(self.pcapng.statistics(time.time_ns()))
+            self._send(self.pcapng.statistics(time.time_ns(), capture_counts))
 
     def _write_header(self) -> None:
         self._header_written = True

@@ -18,6 +18,7 @@ class TargetCounts:
     packets: int = 0
     bytes: int = 0
     late: int = 0
+    dropped: int | None = None  # by the worker's kernel, as tcpdump counted (None: not known)
     error: str = ""
 
 
@@ -70,6 +71,8 @@ class Reporter:
             what = f"{c.packets} packets, {c.bytes} bytes"
             if c.late:
                 what += f", {c.late} late"
+            if c.dropped is not None:
+                what += f", {c.dropped} dropped by the kernel"
             state = c.state + (f": {c.error}" if c.error else "")
             lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
         for line in lines:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
 from ddump.cli.report import Reporter, TargetCounts
-from ddump.cli.stream import CaptureStream, Opened, StreamFailure
+from ddump.cli.stream import CaptureStream, Opened, StreamFailure, fetch_stats, stats_target
 from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
@@ -24,6 +25,7 @@ from ddump.pcap import (
     linktype_name,
     output_linktype,
 )
+from ddump.pcapng import CaptureCounts
 from ddump.targets import Target, redact
 
 TICK_S = 0.02
@@ -32,6 +34,7 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
+STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class _Run:
     staged: list[Record] = field(default_factory=list)  # until the output link type is known
     failed: bool = False
     refused: str = ""  # why its records cannot join the output, once known
+    capture_ids: list[str] = field(default_factory=list)  # one per connection (--reconnect)
+    tcpdump: CaptureCounts | None = None  # tcpdump's counts, summed over its captures
 
 
 class Session:
@@ -117,11 +122,12 @@ class Session:
 
     async def _finish(self) -> None:
         """Write what is buffered, in order, end the file validly, and sum up."""
+        await self._collect_tcpdump_counts()  # first: pcapng ends with them
         if not self.output.closed:
             try:
                 self._choose_linktype()
                 self._write(self.merger.drain())
-                self.output.finish()
+                self.output.finish({r.index: r.tcpdump for r in self.runs if r.tcpdump})
                 await self.output.flush()
             except DdumpError:
                 pass  # kept in output.error
@@ -132,6 +138,49 @@ class Session:
             r.counts.late = self.merger.streams[r.index].late
         written = self.output.records
         self.reporter.summary([r.counts for r in self.runs], written, late)
+
+    async def _collect_tcpdump_counts(self) -> None:
+        """Ask each worker for tcpdump's counts: its kernel drops are packets nobody will see."""
+        asks = [
+            (run, target, capture_id)
+            for run in self.runs
+            if isinstance(target := run.target, Target)
+            for capture_id in run.capture_ids
+        ]
+        if not asks:
+            return
+        answers = await asyncio.gather(
+            *(self._tcpdump_counts(target, capture_id) for _, target, capture_id in asks),
+            return_exceptions=True,
+        )
+        for (run, target, _), answer in zip(asks, answers, strict=True):
+            if isinstance(answer, BaseException):
+                reason = str(answer) or type(answer).__name__
+                self.reporter.detail(f"{target.name}: no drop counts from the worker: {reason}")
+                continue
+            known = run.tcpdump or CaptureCounts()
+            run.tcpdump = CaptureCounts(
+                _add(known.received, answer.received), _add(known.dropped, answer.dropped)
+            )
+            run.counts.dropped = run.tcpdump.dropped
+        dropped = [(r.target.name, r.counts.dropped) for r in self.runs if r.counts.dropped]
+        if dropped:
+            total = sum(count for _, count in dropped)
+            where = ", ".join(f"{name}: {count}" for name, count in dropped)
+            self.reporter.warn(
+                f"{total} packets were dropped by the kernel before tcpdump could take them "
+                f"({where}): capture less (-s 200, a narrower filter) or give ddump-worker a "
+                "larger --buffer-size"
+            )
+
+    async def _tcpdump_counts(self, target: Target, capture_id: str) -> CaptureCounts:
+        timeout = min(STATS_TIMEOUT_S, self.settings.connect_timeout_s)
+        answer = await fetch_stats(
+            stats_target(target, capture_id), self._tls_context(target), timeout
+        )
+        return CaptureCounts(
+            received=_count(answer, "received"), dropped=_count(answer, "dropped_by_kernel")
+        )
 
     def _take_output_error(self) -> None:
         # A reader that went away is a normal end (`| head`); any other write error is not.
@@ -205,10 +254,12 @@ class Session:
     def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
         if isinstance(target, FileSource):
             return FileStream(target)
-        context = None
+        return CaptureStream(target, self._tls_context(target), self.settings.connect_timeout_s)
+
+    def _tls_context(self, target: Target) -> ssl.SSLContext | None:
         if target.url.startswith("https:"):
-            context = self.contexts.get(target.ca, target.cert, target.key)
-        return CaptureStream(target, context, self.settings.connect_timeout_s)
+            return self.contexts.get(target.ca, target.cert, target.key)
+        return None
 
     def _on_opened(self, run: _Run, opened: Opened) -> None:
         run.counts.state = "capturing"
@@ -218,6 +269,8 @@ class Session:
         run.clock_offset_ns = offset or 0
         run.opened = opened
         run.opened_at = asyncio.get_running_loop().time()
+        if opened.capture_id is not None:
+            run.capture_ids.append(opened.capture_id)
         note = ""
         if offset is not None:
             # The worker reads its clock just before it answers: the low end is the estimate.
@@ -427,3 +480,12 @@ class Session:
                     f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
                     f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
                 )
+
+
+def _count(answer: dict[str, object], key: str) -> int | None:
+    value = answer.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else a + b

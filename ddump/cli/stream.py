@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit, urlunsplit
 
 from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
@@ -27,7 +29,13 @@ from ddump import __version__
 from ddump.cli.chunked import ChunkedDecoder, ChunkedError
 from ddump.errors import DdumpError
 from ddump.pcapng import parse_interfaces_header
-from ddump.protocol import CLOCK_HEADER, INTERFACES_HEADER, PCAP_CONTENT_TYPE
+from ddump.protocol import (
+    CAPTURE_HEADER,
+    CLOCK_HEADER,
+    INTERFACES_HEADER,
+    PCAP_CONTENT_TYPE,
+    STATS_PATH,
+)
 from ddump.targets import Target
 
 ERROR_BODY_LIMIT = 4096
@@ -36,6 +44,7 @@ READ_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
 HEADER_GRACE_S = 10.0
+_CAPTURE_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class StreamFailure(DdumpError):
@@ -53,6 +62,7 @@ class Opened:
     worker_clock_ns: int | None = None
     interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
     clock_spread_ns: int = 0
+    capture_id: str | None = None  # names the capture for GET /capture/stats (newer workers)
 
 
 DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
@@ -200,6 +210,7 @@ class CaptureStream:
                     worker_ns,
                     parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
                     received_ns - sent_ns,
+                    _capture_id(headers.get(CAPTURE_HEADER, "")),
                 )
             )
             await _read_body(stream, headers, on_data)
@@ -214,6 +225,41 @@ class CaptureStream:
                 _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
             ):
                 await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+
+
+def _capture_id(value: str) -> str | None:
+    """The worker's name for the capture, if it is one (URL-safe, short)."""
+    value = value.strip()
+    return value if 0 < len(value) <= 64 and _CAPTURE_ID.fullmatch(value) else None
+
+
+def stats_target(target: Target, capture_id: str) -> Target:
+    """The same worker (credentials, TLS files), asked for one capture's statistics."""
+    parts = urlsplit(target.url)
+    path = parts.path.rstrip("/") + STATS_PATH
+    return replace(target, url=urlunsplit(parts._replace(path=path, query=f"id={capture_id}")))
+
+
+async def fetch_stats(
+    target: Target, ssl_context: ssl.SSLContext | None, timeout_s: float
+) -> dict[str, object]:
+    """GET a capture's statistics (see stats_target); StreamFailure or TimeoutError if not."""
+    body: list[bytes] = []
+
+    def keep(chunk: bytes) -> None:
+        body.append(chunk)
+        if sum(map(len, body)) > MAX_HEADER_BYTES:
+            raise StreamFailure("statistics too large")
+
+    stream = CaptureStream(target, ssl_context, timeout_s)
+    await asyncio.wait_for(stream.run(lambda _: None, keep), timeout_s)
+    try:
+        stats = json.loads(b"".join(body))
+    except ValueError:
+        raise StreamFailure("statistics are not JSON") from None
+    if not isinstance(stats, dict):
+        raise StreamFailure("statistics are not a JSON object")
+    return stats
 
 
 class _EnoughOfIt(Exception):
