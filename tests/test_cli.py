@@ -388,6 +388,31 @@ def test_capture_files_merge_by_their_timestamps_alone(tmp_path: Path) -> None:
     assert "late" not in result.stderr
 
 
+def test_stdin_and_a_file_merge_and_need_neither_tornado_nor_yaml(tmp_path: Path) -> None:
+    old = 1_600_000_000 * 10**9
+    a = pcap_stream([(old + i * 2, sll2_packet(b"a%d" % i)) for i in range(20000)])
+    b = tmp_path / "b.pcap"
+    b.write_bytes(pcap_stream([(old + i * 2 + 1, sll2_packet(b"b%d" % i)) for i in range(20000)]))
+    out = tmp_path / "out.pcap"
+    # Run main() in-process after the merge to see what it imported: files are merged by
+    # the same code, without the HTTP client (Tornado) or the inventory reader (YAML).
+    code = (
+        "import sys; from ddump.cli.main import main; status = main(sys.argv[1:]); "
+        "print(sorted(m for m in ('tornado', 'yaml') if m in sys.modules)); sys.exit(status)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "-w", str(out), "-", str(b)],
+        input=a,
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"[]\n"
+    parser = PcapStreamParser()
+    stamps = [ts for ts, _ in parser.feed(out.read_bytes())]
+    assert stamps == list(range(old, old + 40000))
+
+
 def test_second_sigint_exits_at_once_even_with_a_stalled_reader() -> None:
     body = pcap_stream(numbered("x", list(range(1, 100_001))))  # ~7 MB: more than a pipe holds
     with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from tornado.iostream import PipeIOStream, StreamClosedError
-
-from ddump.cli.stream import DataCallback, Opened, OpenedCallback, StreamFailure
+from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.errors import UsageError
+from ddump.pipes import PipeReader
 
 READ_SIZE = 256 * 1024  # measured: faster than 1 MiB, and a third of the peak memory
 
@@ -59,7 +58,7 @@ class FileStream:
     def __init__(self, source: FileSource) -> None:
         self.source = source
         self._closing = False
-        self._pipe: PipeIOStream | None = None
+        self._pipe: PipeReader | None = None
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
         try:
@@ -74,7 +73,7 @@ class FileStream:
             with os.fdopen(fd, "rb") as handle:
                 await self._read_file(handle, on_data)
         else:
-            self._pipe = PipeIOStream(fd)
+            self._pipe = PipeReader(fd)
             try:
                 await self._read_pipe(self._pipe, on_data)
             finally:
@@ -94,11 +93,13 @@ class FileStream:
             else:
                 await asyncio.sleep(0)  # let the other streams and the output run
 
-    async def _read_pipe(self, pipe: PipeIOStream, on_data: DataCallback) -> None:
+    async def _read_pipe(self, pipe: PipeReader, on_data: DataCallback) -> None:
         while not self._closing:
             try:
-                block = await pipe.read_bytes(READ_SIZE, partial=True)
-            except StreamClosedError:
+                block = await pipe.read(READ_SIZE)
+            except OSError as exc:
+                raise StreamFailure(f"cannot read: {exc.strerror}") from None
+            if not block:
                 return
             pending = on_data(block)
             if pending is not None:

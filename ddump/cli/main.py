@@ -21,7 +21,6 @@ from ddump.cli.report import Reporter
 from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
-from ddump.inventory import load_inventory
 from ddump.pcapng import PcapngWriter
 from ddump.targets import Target, parse_target, redact, unique_names
 
@@ -47,6 +46,8 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
                 # `https://ops@host`: the password stays out of the command line (and /proc).
                 target = replace(target, password=os.environ.get(PASSWORD_ENV))
             sources.append(with_snaplen(target, options.snaplen))
+    if options.inventories:
+        from ddump.inventory import load_inventory  # YAML only when there is an inventory
     for path in options.inventories:
         for target in load_inventory(path, options.groups):
             if target.filter is None and options.filter is not None:

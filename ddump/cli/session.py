@@ -8,12 +8,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
 from ddump.cli.report import Reporter, TargetCounts
-from ddump.cli.stream import CaptureStream, Opened, StreamFailure, fetch_stats, stats_target
+from ddump.cli.sources import Opened, StreamFailure
 from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
@@ -27,6 +27,9 @@ from ddump.pcap import (
 )
 from ddump.pcapng import CaptureCounts
 from ddump.targets import Target, redact
+
+if TYPE_CHECKING:
+    from ddump.cli.stream import CaptureStream
 
 TICK_S = 0.02
 STATUS_EVERY_S = 1.0
@@ -174,6 +177,8 @@ class Session:
             )
 
     async def _tcpdump_counts(self, target: Target, capture_id: str) -> CaptureCounts:
+        from ddump.cli.stream import fetch_stats, stats_target
+
         timeout = min(STATS_TIMEOUT_S, self.settings.connect_timeout_s)
         answer = await fetch_stats(
             stats_target(target, capture_id), self._tls_context(target), timeout
@@ -254,6 +259,9 @@ class Session:
     def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
         if isinstance(target, FileSource):
             return FileStream(target)
+        # Here, not at the top: merging capture files needs neither Tornado nor the network.
+        from ddump.cli.stream import CaptureStream
+
         return CaptureStream(target, self._tls_context(target), self.settings.connect_timeout_s)
 
     def _tls_context(self, target: Target) -> ssl.SSLContext | None:

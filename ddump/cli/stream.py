@@ -18,8 +18,8 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from tornado import httputil, iostream
@@ -27,7 +27,7 @@ from tornado.tcpclient import TCPClient
 
 from ddump import __version__
 from ddump.cli.chunked import ChunkedDecoder, ChunkedError
-from ddump.errors import DdumpError
+from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import (
     CAPTURE_HEADER,
@@ -45,28 +45,6 @@ MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
 HEADER_GRACE_S = 10.0
 _CAPTURE_ID = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class StreamFailure(DdumpError):
-    """The stream failed; the message says why, for the user."""
-
-
-@dataclass(frozen=True)
-class Opened:
-    """What the response headers told us."""
-
-    # Worker clock minus ours, when the worker sent its clock: at least `clock_offset_ns` (its
-    # clock was read before we got the headers), at most that plus `clock_spread_ns` (it was
-    # read after we sent the request).
-    clock_offset_ns: int | None
-    worker_clock_ns: int | None = None
-    interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
-    clock_spread_ns: int = 0
-    capture_id: str | None = None  # names the capture for GET /capture/stats (newer workers)
-
-
-DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
-OpenedCallback = Callable[[Opened], None]
 
 
 @dataclass

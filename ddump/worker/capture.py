@@ -24,6 +24,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import PipeIOStream, StreamClosedError
 
 from ddump.errors import DdumpError
+from ddump.pipes import PipeReader
 from ddump.worker.params import NS_PER_S
 from ddump.worker.spawn import child_setup
 from ddump.worker.tcpdump import (
@@ -66,52 +67,6 @@ def missing_tcpdump_message(path: str) -> str:
         f"tcpdump not found at {path!r}: install it (apt-get install tcpdump) "
         "or give its path with ddump-worker --tcpdump PATH"
     )
-
-
-class PipeReader:
-    """Non-blocking reads of one pipe: a read that finds data is one system call.
-
-    The relay reads tcpdump's stdout for every few packets, so it avoids the event loop (and
-    an IOStream's buffer copy) whenever the pipe already holds data.
-    """
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self.fd: int | None = fd
-        self._waiter: asyncio.Future[None] | None = None
-
-    async def read(self, size: int) -> bytes:
-        """Up to `size` bytes; b"" at the end of the pipe or once closed."""
-        while self.fd is not None:
-            try:
-                return os.read(self.fd, size)
-            except BlockingIOError:
-                await self._readable(self.fd)
-        return b""
-
-    async def _readable(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        loop.add_reader(fd, self._wake)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if self.fd is not None:
-                loop.remove_reader(fd)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def close(self) -> None:
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        if self._waiter is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            self._wake()
-        os.close(fd)
 
 
 class Capture:

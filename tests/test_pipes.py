@@ -1,11 +1,11 @@
-"""PipeReader: the worker's non-blocking reads of tcpdump's stdout."""
+"""PipeReader: non-blocking pipe reads (tcpdump's stdout; the CLI's stdin and FIFOs)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
-from ddump.worker.capture import PipeReader
+from ddump.pipes import PipeReader
 
 
 def test_reads_what_is_there_then_waits_for_more_then_sees_the_end() -> None:

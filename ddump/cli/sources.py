@@ -1,0 +1,33 @@
+"""What every source of records (a worker's stream, a capture file) tells the session.
+
+Kept apart from the HTTP client so that merging files needs neither Tornado nor the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from ddump.errors import DdumpError
+
+
+class StreamFailure(DdumpError):
+    """The stream failed; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What the response headers told us."""
+
+    # Worker clock minus ours, when the worker sent its clock: at least `clock_offset_ns` (its
+    # clock was read before we got the headers), at most that plus `clock_spread_ns` (it was
+    # read after we sent the request).
+    clock_offset_ns: int | None
+    worker_clock_ns: int | None = None
+    interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
+    clock_spread_ns: int = 0
+    capture_id: str | None = None  # names the capture for GET /capture/stats (newer workers)
+
+
+DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure
+OpenedCallback = Callable[[Opened], None]
