@@ -175,12 +175,30 @@ grep -qi '^content-type: application/vnd.tcpdump.pcap' "$work/curl.headers" || d
 n=$(count_packets "$work/curl.pcap")
 [ "$n" = 3 ] || die "curl capture: tcpdump -r read $n packets, want 3"
 
+say "asking a running capture for tcpdump's counts (SIGUSR1 under the unit's sandbox)"
+timeout 30 curl -fsSN --max-time 25 -D "$work/running.headers" -o /dev/null \
+    "http://127.0.0.1:$port/capture?filter=icmp&duration=3" &
+pids+=($!)
+capture_id=""
+for _ in $(seq 50); do
+    capture_id=$(sed -n 's/^x-ddump-capture: *\([A-Za-z0-9_-]*\).*/\1/Ip' "$work/running.headers" 2>/dev/null || true)
+    [ -n "$capture_id" ] && break
+    sleep 0.1
+done
+[ -n "$capture_id" ] || die "no X-Ddump-Capture header: $(cat "$work/running.headers" 2>/dev/null)"
+sleep 1
+curl -fsS --max-time 10 "http://127.0.0.1:$port/capture/stats?id=$capture_id" >"$work/stats.json" ||
+    die "GET /capture/stats failed"
+python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); assert s["running"] is True and s["captured"] >= 1 and s["dropped_by_kernel"] == 0, s' \
+    "$work/stats.json" || die "bad /capture/stats answer: $(cat "$work/stats.json")"
+
 if env -i PATH="$PATH" /usr/bin/ddump --help >/dev/null 2>&1; then
     say "capturing through the installed ddump CLI"
     env -i PATH="$PATH" LANG=C.UTF-8 timeout 30 /usr/bin/ddump "http://127.0.0.1:$port/capture?filter=icmp&count=3" -c 3 \
         >"$work/cli.pcap" 2>"$work/cli.err" || die "ddump failed: $(cat "$work/cli.err")"
     n=$(count_packets "$work/cli.pcap")
     [ "$n" = 3 ] || die "ddump capture: tcpdump -r read $n packets, want 3 ($(cat "$work/cli.err"))"
+    grep -q "0 dropped by the kernel" "$work/cli.err" || die "no drop count in the summary: $(cat "$work/cli.err")"
 else
     die "the installed ddump --help fails"
 fi
