@@ -611,3 +611,21 @@ def test_a_worker_without_counts_leaves_the_summary_without_drops(tmp_path: Path
     assert "dropped" not in result.stderr.replace("no drop counts", "")
     assert "no drop counts from the worker: HTTP 404" in result.stderr
     assert old.uris[-1] == "/capture/stats?id=x1" and older.uris == ["/capture"]
+
+
+def test_drops_of_some_captures_only_are_a_lower_bound_not_a_total(tmp_path: Path) -> None:
+    # --reconnect: two captures of one target; the worker knows the counts of one only.
+    first = pcap_stream(numbered("a", [1]))
+    second = pcap_stream(numbered("a", [2]))
+    captures = [
+        Script(body=[first], end="abort", headers={"X-Ddump-Capture": "one"}),
+        Script(body=[second], headers={"X-Ddump-Capture": "two"}),
+    ]
+    stats = b'{"running": false, "captured": 1, "received": 3, "dropped_by_kernel": 7}'
+    answers = [Script(status=404, body=[b"no such capture\n"]), Script(body=[stats])]
+    with fake_workers({"/capture": captures, "/capture/stats": answers}) as (w,):
+        result = ddump("--reconnect", "--format", "pcapng", w.url(), tmp_path=tmp_path)
+    assert sorted(w.uris[-2:]) == ["/capture/stats?id=one", "/capture/stats?id=two"]
+    assert "at least 7 dropped by the kernel" in result.stderr
+    assert "warning: at least 7 packets were dropped" in result.stderr
+    assert struct.pack("<HH", 5, 8) not in result.pcap  # no isb_ifdrop: it would pass for all

@@ -37,7 +37,7 @@ from ddump.worker.capture import CaptureRegistry
 from ddump.worker.filter import self_exclusion
 from ddump.worker.params import NS_PER_S
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
-from tests.procs import exit_time
+from tests.procs import exit_time, has_exited
 
 FAKE_TCPDUMP = r"""#!/bin/sh
 if [ "$1" = "--version" ]; then
@@ -524,3 +524,33 @@ def test_stats_of_an_unknown_capture_are_a_404_and_other_parameters_a_400(fake: 
         assert stats_of(worker, "")[0] == 404
         response = worker.get("/capture/stats?id=x&filter=udp")
         assert response.status == 400 and b"filter" in response.read()
+
+
+def test_stats_never_signal_a_wrapper_that_would_die_of_it(fake: Fake, tmp_path: Path) -> None:
+    # A --tcpdump wrapper that runs tcpdump without exec: SIGUSR1 would kill the shell and
+    # leave tcpdump behind, out of reach. The worker signals only a process that handles it.
+    tmp_path.chmod(0o755)
+    wrapper = tmp_path / "tcpdump-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n{fake.path} "$@"\n')
+    wrapper.chmod(0o755)
+    with ThreadWorker(str(wrapper)) as worker:
+        response = worker.get("/capture?filter=fake-idle")
+        token = response.getheader("X-Ddump-Capture")
+        [pid] = fake.pids()
+        status, stats = stats_of(worker, token)
+        assert status == 200 and stats["running"] is True and stats["captured"] is None
+        assert not has_exited(pid)
+        response.close()
+        wait_gone(pid, 2)
+
+
+def test_statistics_are_not_kept_with_the_messages(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = worker.get("/capture?filter=udp")
+        token = response.getheader("X-Ddump-Capture")
+        for _ in range(3):
+            assert stats_of(worker, token)[1]["dropped_by_kernel"] == 1
+        [capture] = list(worker.state.captures._by_token.values())
+        assert "listening on" in capture.stderr_text
+        assert "packets captured" not in capture.stderr_text
+        response.close()

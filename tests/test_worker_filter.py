@@ -237,6 +237,11 @@ def test_statistics_on_request_are_one_line_and_the_latest_counts_win() -> None:
     assert parse_stats(stderr) == TcpdumpStats(captured=8, received=20, dropped_by_kernel=4)
     assert parse_stats(stderr + "9 packets captured\n") == TcpdumpStats(9, 20, 4)
     assert stats_counts("tcpdump: 5 packets captured, and then some") == {}
+    # tcpdump prefixes its name as it was called.
+    assert stats_counts("tcpdump-4.99: 1 packet captured, 2 packets received by filter") == {
+        "captured": 1,
+        "received by filter": 2,
+    }
     assert error_lines(stderr + "tcpdump: pcap_loop: The interface disappeared\n") == (
         "pcap_loop: The interface disappeared"
     )

@@ -19,6 +19,7 @@ class TargetCounts:
     bytes: int = 0
     late: int = 0
     dropped: int | None = None  # by the worker's kernel, as tcpdump counted (None: not known)
+    dropped_unknown: int = 0  # captures (one per connection) whose counts did not come
     error: str = ""
 
 
@@ -72,7 +73,8 @@ class Reporter:
             if c.late:
                 what += f", {c.late} late"
             if c.dropped is not None:
-                what += f", {c.dropped} dropped by the kernel"
+                at_least = "at least " if c.dropped_unknown else ""
+                what += f", {at_least}{c.dropped} dropped by the kernel"
             state = c.state + (f": {c.error}" if c.error else "")
             lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
         for line in lines:

@@ -38,6 +38,7 @@ BACKOFF_MAX_S = 30.0
 STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
 STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
+STATS_CONCURRENCY = 16  # asks at once (--reconnect may leave many captures per target)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,15 @@ class Session:
             try:
                 self._choose_linktype()
                 self._write(self.merger.drain())
-                self.output.finish({r.index: r.tcpdump for r in self.runs if r.tcpdump})
+                # Counts only where every capture of the target told them: a partial sum
+                # would pass for the whole.
+                self.output.finish(
+                    {
+                        r.index: r.tcpdump
+                        for r in self.runs
+                        if r.tcpdump and not r.counts.dropped_unknown
+                    }
+                )
                 await self.output.flush()
             except DdumpError:
                 pass  # kept in output.error
@@ -152,29 +161,43 @@ class Session:
         ]
         if not asks:
             return
-        answers = await asyncio.gather(
-            *(self._tcpdump_counts(target, capture_id) for _, target, capture_id in asks),
-            return_exceptions=True,
-        )
-        for (run, target, _), answer in zip(asks, answers, strict=True):
-            if isinstance(answer, BaseException):
-                reason = str(answer) or type(answer).__name__
-                self.reporter.detail(f"{target.name}: no drop counts from the worker: {reason}")
+        self.reporter.status(f"asking the workers for tcpdump's counts ({len(asks)} captures)")
+        room = asyncio.Semaphore(STATS_CONCURRENCY)
+
+        async def ask(target: Target, capture_id: str) -> CaptureCounts:
+            async with room:
+                return await self._tcpdump_counts(target, capture_id)
+
+        tasks = [asyncio.ensure_future(ask(target, id_)) for _, target, id_ in asks]
+        _, late = await asyncio.wait(tasks, timeout=STATS_TIMEOUT_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        for (run, target, _), task in zip(asks, tasks, strict=True):
+            error = "no answer in time" if task in late else task.exception()
+            if error is not None:
+                run.counts.dropped_unknown += 1
+                self.reporter.detail(f"{target.name}: no drop counts from the worker: {error}")
                 continue
-            known = run.tcpdump or CaptureCounts()
+            answer, known = task.result(), run.tcpdump or CaptureCounts()
             run.tcpdump = CaptureCounts(
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
             run.counts.dropped = run.tcpdump.dropped
-        dropped = [(r.target.name, r.counts.dropped) for r in self.runs if r.counts.dropped]
-        if dropped:
-            total = sum(count for _, count in dropped)
-            where = ", ".join(f"{name}: {count}" for name, count in dropped)
-            self.reporter.warn(
-                f"{total} packets were dropped by the kernel before tcpdump could take them "
-                f"({where}): capture less (-s 200, a narrower filter) or give ddump-worker a "
-                "larger --buffer-size"
-            )
+        self._warn_of_drops()
+
+    def _warn_of_drops(self) -> None:
+        dropped = [r.counts for r in self.runs if r.counts.dropped]
+        if not dropped:
+            return
+        total = sum(c.dropped or 0 for c in dropped)
+        at_least = "at least " if any(c.dropped_unknown for c in dropped) else ""
+        where = ", ".join(f"{c.name}: {c.dropped}" for c in dropped)
+        self.reporter.warn(
+            f"{at_least}{total} packets were dropped by the kernel before tcpdump could take "
+            f"them ({where}): capture less (-s 200, a narrower filter) or give ddump-worker a "
+            "larger --buffer-size"
+        )
 
     async def _tcpdump_counts(self, target: Target, capture_id: str) -> CaptureCounts:
         from ddump.cli.stream import fetch_stats, stats_target

@@ -25,6 +25,7 @@ from ddump.protocol import (
     STATS_PATH,
 )
 from ddump.worker.capture import (
+    ENDED_KEEP,
     ENDED_KEEP_S,
     Capture,
     CaptureRefused,
@@ -40,7 +41,7 @@ log = logging.getLogger("ddump.worker")
 
 RETRY_AFTER_S = 5
 VERSION_TIMEOUT_S = 5
-STATS_TIMEOUT_NS = NS_PER_S  # for tcpdump to print its counts when asked
+STATS_TIMEOUT_NS = 3 * NS_PER_S // 2  # in all, for tcpdump's counts (the CLI waits 2 s)
 COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
 COALESCE_S = 0.001
 _LOG_FILTER_MAX = 200
@@ -281,10 +282,11 @@ class CaptureStatsHandler(TextErrorsHandler):
             return self.refuse(
                 404,
                 f"no such capture: the id is a capture's {CAPTURE_HEADER} header, known while "
-                f"it runs and for {ENDED_KEEP_S // 60} minutes after it ends",
+                f"it runs and for {ENDED_KEEP_S // 60} minutes after it ends (the last "
+                f"{ENDED_KEEP} ended captures)",
             )
-        running = isinstance(found, Capture) and found.running
         stats = await found.current_stats(STATS_TIMEOUT_NS) if isinstance(found, Capture) else found
+        running = isinstance(found, Capture) and found.running
         self.set_header("Cache-Control", "no-store")
         self.finish(
             {

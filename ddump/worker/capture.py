@@ -115,21 +115,31 @@ class Capture:
     def stats(self) -> TcpdumpStats:
         return TcpdumpStats.from_counts(self._counts)
 
+    @property
+    def listening(self) -> bool:
+        """tcpdump said it listens: the capture started."""
+        return self._listening.done() and self._listening.result()
+
     async def current_stats(self, timeout_ns: int) -> TcpdumpStats:
-        """tcpdump's counts now: asked for with SIGUSR1 while it runs, else its exit counts."""
+        """tcpdump's counts now: asked for with SIGUSR1 while it runs, else its exit counts.
+
+        Waits at most `timeout_ns` in all.
+        """
         if self._process is None:
             return self.stats
-        if not self.running:
-            await self.wait(timeout_ns)
-            return self.stats
-        reported = self._reported
-        if self.stop_reason is None and self._listening.done() and self._listening.result():
-            # Only once it listens: before, SIGUSR1 still has its default action (exit).
-            self._signal_process(signal.SIGUSR1)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reported.wait(), timeout_ns / NS_PER_S)
-        if self.stop_reason is not None:  # it is on its way out: its exit counts are final
-            await self.wait(timeout_ns)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ns / NS_PER_S
+        if self.running:
+            reported = self._reported
+            if self.stop_reason is None and catches_signal(self._process.pid, signal.SIGUSR1):
+                # Only a process that handles it: tcpdump from "listening on" on; a wrapper
+                # that did not exec tcpdump would die of it and leave tcpdump behind.
+                self._signal_process(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reported.wait(), max(0.0, deadline - loop.time()))
+        if not self.running or self.stop_reason is not None:
+            # It is on its way out, or gone: its exit counts are the final ones.
+            await self.wait(max(0, int((deadline - loop.time()) * NS_PER_S)))
         return self.stats
 
     async def start(self, timeout_ns: int) -> None:
@@ -199,10 +209,13 @@ class Capture:
 
     async def wait(self, timeout_ns: int = 5 * NS_PER_S) -> int | None:
         """Wait for tcpdump to exit and its stderr to end (for the statistics); bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ns / NS_PER_S
         try:
             await asyncio.wait_for(self._exited.wait(), timeout_ns / NS_PER_S)
             # stderr ends with the process, unless a descendant still holds it: don't wait long.
-            await asyncio.wait_for(self._stderr_done.wait(), 1)
+            left = min(1.0, deadline - loop.time())
+            await asyncio.wait_for(self._stderr_done.wait(), max(0.0, left))
         except TimeoutError:
             pass
         return self.returncode
@@ -276,31 +289,52 @@ class Capture:
         try:
             while True:
                 data = await stream.read_bytes(4096, partial=True)
-                if len(self._stderr) < STDERR_KEEP:
-                    self._stderr += data[: STDERR_KEEP - len(self._stderr)]
-                self._take_stats(data)
+                self._take_lines(data)
                 if not self._listening.done() and LISTENING_MARK in self.stderr_text:
                     self._listening.set_result(True)
         except StreamClosedError:
             pass
         finally:
+            self._keep(self._stderr_line)  # a last line without its newline
             stream.close()
             if not self._listening.done():
                 self._listening.set_result(False)
             self._stderr_done.set()
             self._reported.set()
 
-    def _take_stats(self, data: bytes) -> None:
-        # Line by line as they come, not from the kept stderr, which a long capture asked for
-        # its counts many times could fill.
-        *lines, rest = (self._stderr_line + data).split(b"\n")
-        self._stderr_line = rest[-STDERR_LINE_MAX:]
+    def _take_lines(self, data: bytes) -> None:
+        # Line by line: statistics update the counts (and wake who asked for them), the rest is
+        # kept for messages. Statistics are not kept, or a long capture asked for its counts
+        # many times would fill the kept stderr and hide a later error.
+        *lines, self._stderr_line = (self._stderr_line + data).split(b"\n")
+        if len(self._stderr_line) > STDERR_LINE_MAX:  # not a line tcpdump would print
+            self._keep(self._stderr_line)
+            self._stderr_line = b""
         for line in lines:
             counts = stats_counts(line.decode("utf-8", "replace"))
-            if counts:
-                self._counts.update(counts)
+            if not counts:
+                self._keep(line + b"\n")
+                continue
+            self._counts.update(counts)
+            if "dropped by kernel" in counts:  # the last of the counts at exit, as on request
                 self._reported.set()
                 self._reported = asyncio.Event()
+
+    def _keep(self, data: bytes) -> None:
+        if len(self._stderr) < STDERR_KEEP:
+            self._stderr += data[: STDERR_KEEP - len(self._stderr)]
+
+
+def catches_signal(pid: int, signum: int) -> bool:
+    """True when process `pid` has a handler for `signum` (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 class CaptureRegistry:
@@ -333,7 +367,7 @@ class CaptureRegistry:
 
     def remove(self, capture: Capture) -> None:
         self._active.discard(capture)
-        if self._by_token.pop(capture.token, None) is not None:
+        if self._by_token.pop(capture.token, None) is not None and capture.listening:
             self._ended[capture.token] = (capture.stats, time.monotonic())
             while len(self._ended) > ENDED_KEEP:
                 self._ended.popitem(last=False)

@@ -12,6 +12,9 @@ _STATS_LINE = re.compile(
     r"^\s*(\d+) packets? (captured|received by filter|dropped by kernel|dropped by interface)\s*$"
 )
 
+# tcpdump starts its own lines with its program name: "tcpdump: ", or whatever it is called.
+_PROGRAM_PREFIX = re.compile(r"^[^\s:]+: ")
+
 # How tcpdump says it may not open the capture device; the fix is a capability, not the request.
 _PERMISSION_HINTS = ("permission", "operation not permitted", "not permitted")
 # Failures of the machine, not of the request: retrying later or elsewhere may work.
@@ -67,7 +70,7 @@ def stats_counts(line: str) -> dict[str, int]:
     kernel`).
     """
     counts: dict[str, int] = {}
-    for part in line.strip().removeprefix("tcpdump: ").split(","):
+    for part in _PROGRAM_PREFIX.sub("", line.strip(), count=1).split(","):
         match = _STATS_LINE.match(part)
         if match is None:
             return {}
