@@ -8,6 +8,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -629,3 +630,32 @@ def test_drops_of_some_captures_only_are_a_lower_bound_not_a_total(tmp_path: Pat
     assert "at least 7 dropped by the kernel" in result.stderr
     assert "warning: at least 7 packets were dropped" in result.stderr
     assert struct.pack("<HH", 5, 8) not in result.pcap  # no isb_ifdrop: it would pass for all
+
+
+def test_a_fifo_whose_writer_comes_later_is_waited_for(tmp_path: Path) -> None:
+    old = 1_600_000_000 * 10**9
+    fifo = tmp_path / "from-ssh"
+    os.mkfifo(fifo)
+    other = tmp_path / "b.pcap"
+    other.write_bytes(pcap_stream([(old + 2, sll2_packet(b"b"))]))
+
+    def write_later() -> None:
+        time.sleep(0.5)  # ddump has opened its other file and waits on the FIFO meanwhile
+        fifo.write_bytes(pcap_stream([(old + 1, sll2_packet(b"a")), (old + 3, sll2_packet(b"c"))]))
+
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    result = ddump(str(fifo), str(other), tmp_path=tmp_path)
+    writer.join()
+    assert result.status == 0, result.stderr
+    assert [ts - old for ts, _ in result.records()] == [1, 2, 3]
+
+
+def test_a_fifo_that_never_gets_a_writer_does_not_hold_a_stop(tmp_path: Path) -> None:
+    fifo = tmp_path / "nobody-writes"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    result = ddump("--duration", "0.5", str(fifo), tmp_path=tmp_path, timeout=10)
+    assert result.status == 0, result.stderr
+    assert time.monotonic() - started < 5
+    assert len(result.pcap) == 24  # a valid, empty pcap

@@ -7,6 +7,7 @@ no clock to go by, so its records are merged by their timestamps alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import sys
@@ -59,13 +60,20 @@ class FileStream:
         self.source = source
         self._closing = False
         self._pipe: PipeReader | None = None
+        self._fifo_waiting: str | None = None  # a FIFO whose open waits for a writer
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
+        path = self.source.path
         try:
-            if self.source.path == "-":
+            if path == "-":
                 fd = os.dup(sys.stdin.fileno())
+            elif stat.S_ISFIFO(os.stat(path).st_mode):
+                opened = await self._open_fifo(path)
+                if opened is None:
+                    return
+                fd = opened
             else:
-                fd = os.open(self.source.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise StreamFailure(f"cannot open: {exc.strerror}") from None
         on_opened(Opened(clock_offset_ns=None))
@@ -78,6 +86,22 @@ class FileStream:
                 await self._read_pipe(self._pipe, on_data)
             finally:
                 self._pipe.close()
+
+    async def _open_fifo(self, path: str) -> int | None:
+        # Opening a FIFO for reading waits for its writer (`mkfifo f; ddump f ...`, then
+        # `ssh host tcpdump -w - > f`): in a thread, so the other targets go on; close()
+        # opens the FIFO for writing to end that wait. None: closed meanwhile.
+        self._fifo_waiting = path
+        try:
+            fd = await asyncio.get_running_loop().run_in_executor(
+                None, os.open, path, os.O_RDONLY | os.O_CLOEXEC
+            )
+        finally:
+            self._fifo_waiting = None
+        if self._closing:
+            os.close(fd)
+            return None
+        return fd
 
     async def _read_file(self, handle: BinaryIO, on_data: DataCallback) -> None:
         while not self._closing:
@@ -109,3 +133,6 @@ class FileStream:
         self._closing = True
         if self._pipe is not None:
             self._pipe.close()
+        if self._fifo_waiting is not None:
+            with contextlib.suppress(OSError):  # a writer came meanwhile: the wait is over
+                os.close(os.open(self._fifo_waiting, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
