@@ -180,6 +180,8 @@ class Session:
                 self.reporter.detail(f"{target.name}: no drop counts from the worker: {error}")
                 continue
             answer, known = task.result(), run.tcpdump or CaptureCounts()
+            if answer.dropped is None:  # tcpdump was killed before it could count
+                run.counts.dropped_unknown += 1
             run.tcpdump = CaptureCounts(
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
