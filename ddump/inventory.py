@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from ddump.errors import UsageError
+from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import DEFAULT_PORT
 from ddump.targets import (
     DEFAULT_PATH,
@@ -30,12 +31,14 @@ from ddump.targets import (
 )
 
 _STR, _INT, _OPTIONAL_STR = "a string", "an integer", "a string or null"
+_OPTIONAL_INT = "an integer or null"
 # null is allowed where it means "none" (no filter, no password, ...), to undo a default.
 _DEFAULT_KEYS = {
     "scheme": _STR,
     "port": _INT,
     "path": _STR,
     "filter": _OPTIONAL_STR,
+    "snaplen": _OPTIONAL_INT,
     "username": _OPTIONAL_STR,
     "password_env": _OPTIONAL_STR,
     "password_file": _OPTIONAL_STR,
@@ -198,7 +201,7 @@ class _Inventory:
             if kind != _NODE and not _has_kind(value, kind):
                 hint = (
                     " (quote it)"
-                    if kind != _INT and isinstance(value_node, yaml.ScalarNode)
+                    if kind not in (_INT, _OPTIONAL_INT) and isinstance(value_node, yaml.ScalarNode)
                     else ""
                 )
                 raise self.error(
@@ -246,6 +249,7 @@ class _Inventory:
         else:
             raise self.error(node, "a target needs 'host' or 'url'")
         merged = {**defaults, **own}
+        endpoint = self.with_snaplen(endpoint, merged.get("snaplen"))
         username = endpoint.username
         if username is None and "username" in merged:
             username = _str_or_none(merged["username"].value)
@@ -266,6 +270,18 @@ class _Inventory:
             key=key,
         )
         return target, name.node if name else None
+
+    def with_snaplen(self, endpoint: Endpoint, snaplen: _Setting | None) -> Endpoint:
+        """The worker's ?snaplen= from the inventory, unless the target's URL gives one."""
+        if snaplen is None or snaplen.value is None:
+            return endpoint
+        value = snaplen.value
+        assert isinstance(value, int)
+        if not 1 <= value <= DEFAULT_SNAPLEN:
+            raise self.error(snaplen.node, f"snaplen must be 1..{DEFAULT_SNAPLEN}, not {value}")
+        if any(name == "snaplen" for name, _ in endpoint.params):
+            return endpoint
+        return replace(endpoint, params=(*endpoint.params, ("snaplen", str(value))))
 
     def plain_target(self, node: yaml.ScalarNode) -> _Settings:
         """ "web-1", "web-1:9000", "198.18.0.3", "::1", "[::1]:9000", or a whole URL."""
@@ -293,7 +309,12 @@ class _Inventory:
                 url.node,
                 "the URL holds a password: remove it and use password_env or password_file",
             )
-        for name, in_url in (("filter", endpoint.filter), ("username", endpoint.username)):
+        url_snaplen = dict(endpoint.params).get("snaplen")
+        for name, in_url in (
+            ("filter", endpoint.filter),
+            ("username", endpoint.username),
+            ("snaplen", url_snaplen),
+        ):
             if in_url is not None and name in own:
                 raise self.error(own[name].node, f"{name} is given twice: in the URL and here")
         return endpoint
@@ -364,8 +385,9 @@ def _is_null(node: yaml.Node) -> bool:
 
 
 def _has_kind(value: object, kind: str) -> bool:
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (_INT, _OPTIONAL_INT):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return is_int or (kind == _OPTIONAL_INT and value is None)
     return isinstance(value, str) or (kind == _OPTIONAL_STR and value is None)
 
 

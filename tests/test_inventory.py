@@ -484,3 +484,39 @@ def test_command_line_filter_and_snaplen_fill_in_what_targets_do_not_give(tmp_pa
 def test_bad_snaplen_is_a_usage_error(value: str) -> None:
     with pytest.raises(UsageError, match="snaplen"):
         parse_args(["-s", value, "http://198.18.0.1"])
+
+
+def test_snaplen_from_defaults_or_target_goes_to_the_worker(tmp_path: Path) -> None:
+    targets = load(
+        tmp_path,
+        """
+        defaults: {snaplen: 200}
+        targets:
+          - 198.18.0.1
+          - {host: 198.18.0.2, snaplen: 96}
+          - {host: 198.18.0.3, snaplen: null}
+          - url: http://198.18.0.4/capture?snaplen=64
+        """,
+    )
+    assert [t.url for t in targets] == [
+        "http://198.18.0.1:8475/capture?snaplen=200",
+        "http://198.18.0.2:8475/capture?snaplen=96",
+        "http://198.18.0.3:8475/capture",
+        "http://198.18.0.4:8475/capture?snaplen=64",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("targets: [{host: h, snaplen: 0}]", "snaplen must be 1..262144, not 0"),
+        ("targets: [{host: h, snaplen: 300000}]", "snaplen must be 1..262144"),
+        ("targets: [{host: h, snaplen: '200'}]", "snaplen must be an integer or null"),
+        (
+            "targets: [{url: 'http://h/capture?snaplen=9', snaplen: 10}]",
+            "snaplen is given twice",
+        ),
+    ],
+)
+def test_bad_snaplen_is_reported_where_it_is(tmp_path: Path, text: str, message: str) -> None:
+    assert message in error_of(tmp_path, text)
