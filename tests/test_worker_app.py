@@ -554,3 +554,18 @@ def test_statistics_are_not_kept_with_the_messages(fake: Fake) -> None:
         assert "listening on" in capture.stderr_text
         assert "packets captured" not in capture.stderr_text
         response.close()
+
+
+def test_what_a_wrapper_leaves_behind_is_ended_with_it(fake: Fake, tmp_path: Path) -> None:
+    # A --tcpdump wrapper that starts tcpdump in the background and exits: the worker ends its
+    # whole process group when the process it started ends, so nothing is left running.
+    tmp_path.chmod(0o755)
+    wrapper = tmp_path / "tcpdump-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n{fake.path} "$@" &\nsleep 0.5\n')
+    wrapper.chmod(0o755)
+    with ThreadWorker(str(wrapper)) as worker:
+        response = worker.get("/capture?filter=fake-idle")
+        assert response.status == 200
+        [pid] = fake.pids()
+        wait_gone(pid, 3)  # the wrapper exits after 0.5 s; the fake with it
+        response.read()  # and the response ends

@@ -243,7 +243,7 @@ class Capture:
         # Only while not reaped: after that the group id may belong to someone else.
         if self._process is None or self._exited.is_set():
             return
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._process.pid, signum)
 
     def _signal_process(self, signum: int) -> None:
@@ -264,6 +264,9 @@ class Capture:
         def on_exit(fd: int, events: int) -> None:
             loop.remove_handler(fd)
             os.close(fd)
+            # Still a zombie, so its group id cannot belong to anyone else yet: end whatever
+            # is left in its group (what a --tcpdump wrapper started, say), then reap it.
+            self._signal(signal.SIGKILL)
             self._reaped()
 
         loop.add_handler(pidfd, on_exit, IOLoop.READ)
