@@ -569,3 +569,65 @@ def test_what_a_wrapper_leaves_behind_is_ended_with_it(fake: Fake, tmp_path: Pat
         [pid] = fake.pids()
         wait_gone(pid, 3)  # the wrapper exits after 0.5 s; the fake with it
         response.read()  # and the response ends
+
+
+# ---- clients that misbehave ----
+
+
+def raw_request(worker: ThreadWorker, request: bytes) -> socket.socket:
+    client = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
+    client.sendall(request)
+    return client
+
+
+def test_a_client_that_sent_more_than_its_request_is_still_seen_leaving(fake: Fake) -> None:
+    # Extra bytes (a pipelined request, a stray CRLF) sit unread in Tornado's buffer, which
+    # then no longer watches for the client's FIN: the worker asks the socket itself.
+    with ThreadWorker(fake.path) as worker:
+        client = raw_request(
+            worker, b"GET /capture?filter=fake-idle HTTP/1.1\r\nHost: x\r\n\r\n\r\n"
+        )
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        [pid] = fake.pids()
+        client.close()
+        assert wait_gone(pid, 3) < 3
+        wait_for(lambda: len(worker.state.captures) == 0)
+
+
+def test_http_1_0_gets_505_since_only_chunks_tell_a_clean_end(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        client = raw_request(worker, b"GET /capture HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer = client.recv(4096)
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 505") and b"HTTP/1.1" in answer.split(b"\r\n\r\n")[1]
+    assert fake.runs() == []
+
+
+def test_a_request_body_is_refused_not_buffered(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        client = raw_request(worker, b"GET /health HTTP/1.1\r\nContent-Length: 50000000\r\n\r\n")
+        client.settimeout(5)
+        try:
+            answer = client.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+        client.close()
+    assert answer == b"" or answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413"))
+
+
+def test_a_capture_stopped_while_starting_is_a_503_not_a_bad_filter(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        result: dict[str, Any] = {}
+
+        def ask() -> None:
+            response = worker.get("/capture?filter=fake-silent")  # never says it listens
+            result["status"], result["body"] = response.status, response.read()
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        wait_for(lambda: len(worker.state.captures) == 1)
+        assert worker._loop is not None
+        worker._loop.call_soon_threadsafe(worker.state.captures.stop_all, "worker stopping")
+        asker.join(10)
+    assert result["status"] == 503, result
+    assert b"stopped while starting: worker stopping" in result["body"]

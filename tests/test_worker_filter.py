@@ -341,3 +341,9 @@ def test_help_documents_the_socket_mode(capsys: pytest.CaptureFixture[str]) -> N
     assert "--socket-mode" in out
     assert "0660" in out
     assert "-listen" in out
+
+
+def test_the_filter_limit_counts_bytes_since_an_argument_is_bytes() -> None:
+    # 45,000 euro signs are 135,000 bytes: over the kernel's 128 KiB for one argument.
+    with pytest.raises(FilterError, match="135000 bytes long"):
+        check_filter("\u20ac" * 45000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pwd
+import select
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ VERSION_TIMEOUT_S = 5
 STATS_TIMEOUT_NS = 3 * NS_PER_S // 2  # in all, for tcpdump's counts (the CLI waits 2 s)
 COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
 COALESCE_S = 0.001
+CLIENT_CHECK_S = 1.0  # how often a capture checks that its client is still connected
 _LOG_FILTER_MAX = 200
 
 
@@ -106,6 +108,9 @@ class CaptureHandler(TextErrorsHandler):
         return f"{address} (X-Forwarded-For: {forwarded})" if forwarded else address
 
     async def get(self) -> None:
+        if self.request.version != "HTTP/1.1":
+            # Only chunked encoding tells a clean end from a cut one, and HTTP/1.0 has none.
+            return self.refuse(505, "a capture needs HTTP/1.1 (its body is chunked)")
         try:
             params = parse_query(self.request.query_arguments)
             bpf = compose_filter(params.filter, self.state.exclusions)
@@ -194,6 +199,7 @@ class CaptureHandler(TextErrorsHandler):
         interfaces = interfaces_header()  # now: tcpdump listens, the map is as of its start
         if interfaces:
             self.set_header(INTERFACES_HEADER, interfaces)
+        watch = asyncio.ensure_future(self._watch_client())
         try:
             await self.flush()  # headers now: the client knows tcpdump listens
             while True:
@@ -220,6 +226,23 @@ class CaptureHandler(TextErrorsHandler):
                 await self.finish()  # the terminating chunk: the client can tell a clean end
         except StreamClosedError:
             self.client_gone = True
+        finally:
+            watch.cancel()
+
+    async def _watch_client(self) -> None:
+        # Tornado sees a client leave only while nothing it sent waits unread in the buffer:
+        # after a pipelined request (or one stray CRLF) a quiet capture would run forever.
+        # So the socket itself is asked, every CLIENT_CHECK_S: hung up, or shut for writing?
+        connection = self.request.connection
+        stream = connection.stream if isinstance(connection, HTTP1Connection) else None
+        if stream is None or stream.closed():
+            return
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLRDHUP)
+        while not self.client_gone and not stream.closed():
+            await asyncio.sleep(CLIENT_CHECK_S)
+            if not stream.closed() and poller.poll(0):
+                self.on_connection_close()
 
     def _log_end(
         self, number: int, capture: Capture, params: CaptureParams, elapsed_ns: int
@@ -350,6 +373,9 @@ async def _probe_version(state: WorkerState) -> dict[str, str]:
         raise CaptureRefused(503, f"cannot run {state.tcpdump!r} --version: {error}") from None
     try:
         output, _ = await asyncio.wait_for(process.communicate(), VERSION_TIMEOUT_S)
+    except asyncio.CancelledError:  # the worker stops: never leave it behind either
+        process.kill()
+        raise
     except TimeoutError:
         process.kill()  # never leave it behind: it has no parent-death signal
         await process.wait()

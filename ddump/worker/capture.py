@@ -184,8 +184,11 @@ class Capture:
             message = f"tcpdump did not start listening within {seconds} s"
             raise CaptureRefused(503, message) from None
         if not listening:
+            stopped = self.stop_reason  # the worker stopped it (shutdown) or the client left
             self.abort("failed to start")
             await self.wait()
+            if stopped is not None:
+                raise CaptureRefused(503, f"the capture was stopped while starting: {stopped}")
             failure = classify_start_failure(self.stderr_text, self.returncode)
             raise CaptureRefused(failure.status, failure.message)
 

@@ -41,8 +41,10 @@ def check_filter(text: str) -> str | None:
     """Return the filter stripped, None when it is empty; raise FilterError if it is unsafe."""
     if "\x00" in text:
         raise FilterError("filter contains a NUL byte")
-    if len(text) > MAX_FILTER_LEN:
-        raise FilterError(f"filter is {len(text)} characters long; the limit is {MAX_FILTER_LEN}")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILTER_LEN:
+        # In bytes: one argument of tcpdump's may not exceed 128 KiB (the kernel's limit).
+        raise FilterError(f"filter is {size} bytes long; the limit is {MAX_FILTER_LEN}")
     stripped = text.strip()
     if not stripped:
         return None

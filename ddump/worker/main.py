@@ -42,6 +42,8 @@ DEFAULT_SOCKET_MODE = 0o660
 # After SIGTERM: time for captures to end their responses, then for connections to close.
 DRAIN_NS = 5 * NS_PER_S
 CLOSE_NS = 2 * NS_PER_S
+MAX_BODY = 4096  # bytes of request body accepted (none is used)
+BODY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,13 @@ async def serve(args: argparse.Namespace) -> int:
     )
     # Room for the longest filter we accept, fully percent-encoded: a longer request line would
     # be cut by Tornado with a reset instead of our 400 that names the limit.
+    # No endpoint takes a body: a request that sends one is refused, not buffered.
     server = HTTPServer(
-        make_app(state), max_header_size=3 * MAX_FILTER_LEN + 8192, idle_connection_timeout=60
+        make_app(state),
+        max_header_size=3 * MAX_FILTER_LEN + 8192,
+        idle_connection_timeout=60,
+        max_body_size=MAX_BODY,
+        body_timeout=BODY_TIMEOUT_S,
     )
     server.add_sockets(sockets)
     log.info(
