@@ -372,9 +372,12 @@ def _convert_one(rec: Record, src_len: int, convert: _Converter) -> Record:
     delta = len(new_link) - src_len
     if len(link) < src_len:
         new_link = new_link[: max(0, len(link) + delta)]
-    new_caplen = len(new_link) + len(payload)
-    new_origlen = max(origlen + delta, new_caplen)
-    return ts, _REC_LE.pack(sec, nsec, new_caplen, new_origlen) + new_link + payload
+    data = new_link + payload
+    new_origlen = max(origlen + delta, len(data))
+    # SLL -> SLL2 adds 4 bytes: a record already at the largest snapshot length is cut back to
+    # it, as readers refuse longer ones (orig_len still tells the whole size).
+    data = data[:DEFAULT_SNAPLEN]
+    return ts, _REC_LE.pack(sec, nsec, len(data), new_origlen) + data
 
 
 _LINKTYPE_NAMES: Final = {

@@ -18,6 +18,7 @@ import pytest
 from ddump.pcap import LINKTYPE_LINUX_SLL, PcapHeader, PcapStreamParser
 from tests.certs import Pki, make_pki
 from tests.fake_worker import FakeWorker, Script, fake_workers, pcap_stream, sll2_packet
+from tests.test_pcapng import walk
 
 # An hour ahead: records are held until every stream has spoken, whatever the tests' pace.
 T0 = (time.time_ns() // 1000 + 3600 * 10**6) * 1000
@@ -659,3 +660,102 @@ def test_a_fifo_that_never_gets_a_writer_does_not_hold_a_stop(tmp_path: Path) ->
     assert result.status == 0, result.stderr
     assert time.monotonic() - started < 5
     assert len(result.pcap) == 24  # a valid, empty pcap
+
+
+# ---- records held before the output's link type is known ----
+
+LINKTYPE_RAW = 101
+
+
+def test_a_refused_target_whose_stream_already_ended_is_reported(tmp_path: Path) -> None:
+    # b (RAW) sends and ends before a (SLL2, first) starts: the output becomes SLL2 and b's
+    # held records cannot join it. Its task is over, so the refusal must still be told.
+    a = pcap_stream(numbered("a", [100]))
+    b = pcap_stream([(T0 + i, b"raw-%d" % i) for i in range(3)], linktype=LINKTYPE_RAW)
+    with fake_workers({"/capture": Script(body=[0.5, a])}, {"/capture": Script(body=[b])}) as (
+        wa,
+        wb,
+    ):
+        result = ddump("--max-delay", "2", wa.url(), wb.url(), tmp_path=tmp_path)
+    assert result.status == 1
+    assert f"127.0.0.1:{wb.port}: its link type RAW (101) cannot be merged" in result.stderr
+    assert result.payloads() == [b"a-0@100"]
+
+
+def test_records_held_across_a_reconnect_keep_their_link_type_and_are_written(
+    tmp_path: Path,
+) -> None:
+    # a's first connection sends 3 records and is cut while b has not started: they wait for
+    # the output's link type. a reconnects (its new connection has no header yet) and b starts.
+    first = pcap_stream(numbered("a", [1, 2, 3]))
+    b = pcap_stream(numbered("b", [4, 5]))
+    scripts_a = [Script(body=[first], end="abort"), Script(body=[8.0], end="hang")]
+    with fake_workers({"/capture": scripts_a}, {"/capture": Script(body=[2.5, b])}) as (wa, wb):
+        result = ddump(
+            "--reconnect", "--max-delay", "10", "--duration", "5", wa.url(), wb.url(),
+            tmp_path=tmp_path,
+        )  # fmt: skip
+    assert "internal error" not in result.stderr, result.stderr
+    assert [ts - T0 for ts, _ in result.records()] == [1, 2, 3, 4, 5]
+
+
+def test_records_held_are_written_when_the_capture_stops_first(tmp_path: Path) -> None:
+    first = pcap_stream(numbered("a", [1, 2, 3]))
+    scripts_a = [Script(body=[first], end="abort"), Script(status=503, body=[b"busy\n"])]
+    silent = Script(body=[30.0], end="hang")
+    with fake_workers({"/capture": scripts_a}, {"/capture": silent}) as (wa, wb):
+        result = ddump(
+            "--reconnect", "--max-delay", "10", "--duration", "3", wa.url(), wb.url(),
+            tmp_path=tmp_path,
+        )  # fmt: skip
+    assert [ts - T0 for ts, _ in result.records()] == [1, 2, 3], result.stderr
+
+
+def test_a_target_back_with_another_link_type_is_refused_in_words(tmp_path: Path) -> None:
+    first = pcap_stream(numbered("a", [1]))
+    again = pcap_stream([(T0 + 2, b"raw")], linktype=LINKTYPE_RAW)
+    scripts = [Script(body=[first], end="abort"), Script(body=[again], end="hang")]
+    with fake_workers({"/capture": scripts}) as (w,):
+        result = ddump("--reconnect", "--duration", "2.5", w.url(), tmp_path=tmp_path)
+    assert "internal error" not in result.stderr, result.stderr
+    assert "its link type RAW (101) cannot be merged" in result.stderr
+    assert result.payloads() == [b"a-0@1"]
+
+
+def test_count_with_pcapng_counts_only_the_packets_written(tmp_path: Path) -> None:
+    old = 1_600_000_000 * 10**9
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    a.write_bytes(pcap_stream([(old + t, sll2_packet(b"a%d" % t)) for t in (10, 20, 30)]))
+    b.write_bytes(pcap_stream([(old + 15, sll2_packet(b"b"))]))
+    result = ddump("--format", "pcapng", "-c", "1", str(a), str(b), tmp_path=tmp_path)
+    assert result.status == 0, result.stderr
+    blocks = walk(result.pcap)
+    packets = [body for kind, body in blocks if kind == 6]
+    # isb_usrdeliv (option 8) of every interface: the packets written through it, 1 in all.
+    delivered = [
+        struct.unpack_from("<Q", body, body.index(struct.pack("<HH", 8, 8)) + 4)[0]
+        for kind, body in blocks
+        if kind == 5
+    ]
+    assert len(packets) == 1 and sum(delivered) == 1, delivered
+
+
+@pytest.mark.parametrize("output_format", ["pcap", "pcapng"])
+def test_records_held_for_a_silent_target_are_bounded(tmp_path: Path, output_format: str) -> None:
+    # 210,000 records (over MAX_BUFFERED) from a, while b answered but sends no header: b stops
+    # holding them back at once rather than after --max-delay (30 s).
+    base = time.time_ns() - 120 * 10**9
+    body = pcap_stream([(base + i, sll2_packet(b"x")) for i in range(210_000)])
+    silent = Script(body=[60.0], end="hang")
+    with fake_workers({"/capture": Script(body=[body], end="hang")}, {"/capture": silent}) as (
+        wa,
+        wb,
+    ):
+        started = time.monotonic()
+        result = ddump(
+            "--format", output_format, "--max-delay", "30", "-c", "1", wa.url(), wb.url(),
+            tmp_path=tmp_path, timeout=90,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    assert result.status == 0, result.stderr
+    assert elapsed < 15, f"{elapsed:.1f} s: the silent target held everything"

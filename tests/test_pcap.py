@@ -530,3 +530,16 @@ def test_output_linktype_prefers_sll2_when_fleets_mix_and_else_the_first() -> No
     assert output_linktype([LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2]) == LINKTYPE_LINUX_SLL2
     assert output_linktype([LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL]) == LINKTYPE_LINUX_SLL
     assert output_linktype([LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2]) == LINKTYPE_ETHERNET
+
+
+def test_a_full_size_sll_record_stays_within_the_snaplen_as_sll2() -> None:
+    # SLL -> SLL2 adds 4 bytes: a record of the largest snapshot length would become longer
+    # than readers accept, so it is cut back, orig_len keeping the whole size.
+    sll = struct.pack(">HHH8sH", 0, 1, 6, b"\x02" * 8, 0x0800)
+    frame = sll + b"\x45" + b"\x00" * (DEFAULT_SNAPLEN - len(sll) - 1)
+    record = struct.pack("<IIII", 1, 2, len(frame), len(frame)) + frame
+    [(_, converted)] = convert_records(
+        [(10**9 + 2, record)], LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2
+    )
+    caplen, origlen = struct.unpack_from("<II", converted, 8)
+    assert (caplen, origlen, len(converted)) == (DEFAULT_SNAPLEN, DEFAULT_SNAPLEN + 4, 16 + caplen)

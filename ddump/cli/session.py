@@ -63,7 +63,7 @@ class _Run:
     clock_offset_ns: int = 0
     opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
     opened: Opened | None = None
-    staged: list[Record] = field(default_factory=list)  # until the output link type is known
+    staged: list[tuple[int, list[Record]]] = field(default_factory=list)  # (link type, records)
     failed: bool = False
     refused: str = ""  # why its records cannot join the output, once known
     capture_ids: list[str] = field(default_factory=list)  # one per connection (--reconnect)
@@ -95,6 +95,7 @@ class Session:
         ]
         self.stopping = False
         self.stop_reason = ""
+        self.staged = 0  # records held until the output's link type is known
         self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.fatal: DdumpError | None = None
@@ -361,29 +362,33 @@ class Session:
         if self.output.pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
             self._push_records(run, self.output.pcapng.encode(run.index, records))
-        elif self.output.linktype is None:
-            run.staged.extend(records)
-            self._choose_linktype()
         else:
-            self._push(run, records)
+            linktype = run.linktype
+            assert linktype is not None  # known from the pcap header, before any record
+            if self.output.linktype is None:
+                run.staged.append((linktype, records))
+                self.staged += len(records)
+                self._choose_linktype()
+            else:
+                self._push(run, records, linktype)
         self._release()
 
-    def _push(self, run: _Run, records: list[Record]) -> None:
-        assert run.linktype is not None and self.output.linktype is not None
+    def _push(self, run: _Run, records: list[Record], linktype: int) -> None:
+        assert self.output.linktype is not None
         out = self.output.linktype
-        if run.linktype != out:
-            if not can_convert(run.linktype, out):
-                first = next(r for r in self.runs if r.linktype == out)
+        if linktype != out:
+            if not can_convert(linktype, out):
                 run.refused = (
-                    f"its link type {linktype_name(run.linktype)} cannot be merged into the "
-                    f"output's {linktype_name(out)} (from {first.target.name}): capture it "
-                    "separately"
+                    f"its link type {linktype_name(linktype)} cannot be merged into the "
+                    f"output's {linktype_name(out)}: capture it separately"
                 )
                 run.counts.packets -= len(records)
+                if run.counts.state == "ended":  # its task is over: nobody else will say it
+                    self._failed(run, run.refused)
                 if run.stream is not None:
                     run.stream.close()
                 return
-            records = convert_records(records, run.linktype, out)
+            records = convert_records(records, linktype, out)
         self._push_records(run, records)
 
     def _push_records(self, run: _Run, records: list[Record]) -> None:
@@ -421,14 +426,19 @@ class Session:
             return
         if any(s.live and not s.started for s in self.merger.streams) and not self.stopping:
             return
-        known = [r.linktype for r in self.runs if r.linktype is not None]
+        known: list[int] = []  # staged records keep the link type they came with
+        for r in self.runs:
+            linktype = r.staged[0][0] if r.staged else r.linktype
+            if linktype is not None:
+                known.append(linktype)
         if not known:
             return
         self.output.linktype = output_linktype(known)
+        self.staged = 0
         for run in self.runs:
             staged, run.staged = run.staged, []
-            if staged:
-                self._push(run, staged)
+            for linktype, records in staged:
+                self._push(run, records, linktype)
 
     def _end_of_body(self, run: _Run) -> None:
         try:
@@ -442,7 +452,7 @@ class Session:
         if self.output.closed:
             return
         self._choose_linktype()
-        if self.merger.buffered > MAX_BUFFERED:
+        if self.merger.buffered + self.staged > MAX_BUFFERED:
             self._stop_waiting_for_silent_streams()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
         try:
@@ -457,6 +467,8 @@ class Session:
         if count is not None:
             room = count - self.output.records
             if room <= 0:
+                if self.output.pcapng is not None:
+                    self.output.pcapng.discard(records)
                 return
             if len(records) >= room:
                 self.output.write(records[:room])
