@@ -103,10 +103,12 @@ class Merger:
         for state in self.streams:
             if state.live and not state.started:
                 return -1
+            # A stream may still send more records at its newest timestamp (ties are common
+            # with microsecond inputs): only what is older than that is settled.
             if state.live and not state.timed:
-                mark = min(mark, state.newest_ns)
+                mark = min(mark, state.newest_ns - 1)
             elif state.live:
-                mark = min(mark, max(state.newest_ns, idle_mark + state.clock_offset_ns))
+                mark = min(mark, max(state.newest_ns - 1, idle_mark + state.clock_offset_ns))
         return mark
 
     def release(self, watermark: int) -> list[Record]:
