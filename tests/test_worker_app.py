@@ -36,6 +36,7 @@ from ddump.worker.app import WorkerState, make_app
 from ddump.worker.capture import CaptureRegistry
 from ddump.worker.filter import self_exclusion
 from ddump.worker.params import NS_PER_S
+from tests.conftest import require_tool
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
 from tests.procs import exit_time, has_exited
 
@@ -462,6 +463,16 @@ def test_an_unbalanced_exclude_is_a_usage_error(fake: Fake) -> None:
     with fake_worker(fake, "--listen", "127.0.0.1:0", "--exclude", "tcp port 1)") as worker:
         assert worker.process.wait(10) == 2
     assert "--exclude" in worker.log() and "unbalanced" in worker.log()
+
+
+def test_an_exclude_tcpdump_cannot_compile_stops_the_worker_at_start() -> None:
+    tcpdump = require_tool("tcpdump")
+    with WorkerProcess(
+        worker_argv("--tcpdump", tcpdump, "--listen", "127.0.0.1:0", "--exclude", "tcp prot 443")
+    ) as worker:
+        assert worker.process.wait(10) == 2
+    assert "--exclude 'tcp prot 443': tcpdump cannot compile it: " in worker.log()
+    assert "syntax error" in worker.log() and "reading from file" not in worker.log()
 
 
 def test_entry_point_help_runs() -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from tornado.netutil import bind_sockets, bind_unix_socket
 
 import ddump
 from ddump.errors import UsageError
+from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
 from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import WorkerState, make_app
 from ddump.worker.capture import CaptureRegistry, missing_tcpdump_message
@@ -33,6 +35,7 @@ from ddump.worker.filter import (
 )
 from ddump.worker.params import NS_PER_S
 from ddump.worker.spawn import unprivileged_user
+from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")
 
@@ -174,6 +177,31 @@ def _check_exclusions(expressions: Sequence[str]) -> list[str]:
     return checked
 
 
+_READING_NOISE = ("reading from file", "Warning: interface names")
+
+
+def _compile_exclusions(tcpdump: str, expressions: Sequence[str]) -> None:
+    """Have tcpdump compile each --exclude now (against an empty LINUX_SLL2 pcap on its stdin,
+    which needs no privilege), so a typo stops the worker instead of failing every capture."""
+    empty = PcapHeader(linktype=LINKTYPE_LINUX_SLL2).to_bytes()
+    for expression in expressions:
+        try:
+            done = subprocess.run(
+                [tcpdump, "-d", "-r", "-", "--", expression],
+                input=empty,
+                capture_output=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            log.warning("could not check --exclude %r with %s: %s", expression, tcpdump, error)
+            return
+        if done.returncode != 0:
+            said = error_lines(done.stderr.decode("utf-8", "replace")).splitlines()
+            said = [line for line in said if not line.startswith(_READING_NOISE)]
+            message = "; ".join(said) or f"exit status {done.returncode}"
+            raise UsageError(f"--exclude {expression!r}: tcpdump cannot compile it: {message}")
+
+
 def bind(listen: TcpListen | UnixListen, socket_mode: int) -> tuple[list[socket.socket], str]:
     """Listening sockets and how to name them; raise UsageError when the address is taken."""
     if isinstance(listen, UnixListen):
@@ -226,6 +254,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Run the worker until SIGTERM or SIGINT; then end every capture and return 0."""
     listen = parse_listen(args.listen)
     exclusions = _check_exclusions(args.exclude)
+    _compile_exclusions(args.tcpdump, exclusions)
     if os.geteuid() == 0:
         log.warning(
             "running as root: this works, but ddump-worker needs only CAP_NET_RAW; run it as "
