@@ -12,8 +12,10 @@ released runs of all streams are merged by one stable sort, which keeps ties in 
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import islice
 from operator import itemgetter
 
 from ddump.pcap import Record
@@ -111,16 +113,25 @@ class Merger:
                 mark = min(mark, max(state.newest_ns - 1, idle_mark + state.clock_offset_ns))
         return mark
 
+    def oldest_mark(self, count: int) -> int:
+        """The timestamp up to which `count` of the buffered records lie (the oldest ones)."""
+        oldest = heapq.merge(*([ts for ts, _ in pending] for pending in self._sorted()))
+        return next(islice(oldest, count - 1, None), FOREVER)
+
+    def _sorted(self) -> list[list[Record]]:
+        for index, pending in enumerate(self._pending):
+            if self._unsorted[index]:
+                pending.sort(key=_TS)
+                self._unsorted[index] = False
+        return self._pending
+
     def release(self, watermark: int) -> list[Record]:
         """Take every buffered record with a timestamp at or below `watermark`, in order."""
         if not self.buffered:
             return []
         runs = 0
         out: list[Record] = []
-        for index, pending in enumerate(self._pending):
-            if self._unsorted[index]:
-                pending.sort(key=_TS)
-                self._unsorted[index] = False
+        for pending in self._sorted():
             if not pending or pending[0][0] > watermark:
                 continue
             if pending[-1][0] <= watermark:

@@ -759,3 +759,32 @@ def test_records_held_for_a_silent_target_are_bounded(tmp_path: Path, output_for
         elapsed = time.monotonic() - started
     assert result.status == 0, result.stderr
     assert elapsed < 15, f"{elapsed:.1f} s: the silent target held everything"
+
+
+def test_a_quiet_stdin_cannot_hold_the_others_without_bound(tmp_path: Path) -> None:
+    # stdin has no clock: while it is quiet, the file's records wait for it, but not beyond
+    # MAX_BUFFERED (200,000): then the oldest go out, and -c 5 can end the capture.
+    old = 1_600_000_000 * 10**9
+    big = tmp_path / "big.pcap"
+    big.write_bytes(pcap_stream([(old + i, sll2_packet(b"x")) for i in range(210_000)]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddump.cli.main", "-c", "5", "--duration", "60",
+         "-w", str(tmp_path / "out.pcap"), "-", str(big)],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(pcap_stream([]))  # a header, then nothing: the pipe stays open
+    proc.stdin.flush()
+    try:
+        status = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    assert proc.stderr is not None
+    stderr = proc.stderr.read().decode()
+    assert status == 0, stderr
+    assert "more than 200000 packets held back for quiet targets without a clock (stdin)" in stderr
+    parser = PcapStreamParser()
+    assert [ts - old for ts, _ in parser.feed((tmp_path / "out.pcap").read_bytes())] == [
+        0, 1, 2, 3, 4,
+    ]  # fmt: skip

@@ -171,3 +171,13 @@ def test_merged_output_loses_nothing_and_only_late_records_go_backwards(
     assert in_place == sorted(in_place)
     assert sum(s.late for s in merger.streams) == sum(1 for _, late in written if late)
     assert merger.buffered == 0
+
+
+def test_oldest_mark_is_where_the_oldest_records_end() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.push(a, [rec(30), rec(10)])
+    merger.push(b, [rec(20), rec(40)])
+    assert [merger.oldest_mark(n) for n in (1, 2, 3, 4)] == [10, 20, 30, 40]
+    assert [ts for ts, _ in merger.release(merger.oldest_mark(3))] == [10, 20, 30]
+    assert merger.buffered == 1

@@ -96,6 +96,7 @@ class Session:
         self.stopping = False
         self.stop_reason = ""
         self.staged = 0  # records held until the output's link type is known
+        self._warned_full = False
         self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.fatal: DdumpError | None = None
@@ -455,6 +456,21 @@ class Session:
         if self.merger.buffered + self.staged > MAX_BUFFERED:
             self._stop_waiting_for_silent_streams()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
+        if self.merger.buffered > MAX_BUFFERED:
+            # A quiet stream without a clock (stdin, a FIFO) holds the others back for as long
+            # as it is quiet: past the bound, the oldest half goes out anyway; what that stream
+            # sends later from before them is written late (counted), never dropped.
+            mark = max(mark, self.merger.oldest_mark(self.merger.buffered - MAX_BUFFERED // 2))
+            if not self._warned_full:
+                self._warned_full = True
+                unclocked = [s for s in self.merger.streams if s.live and not s.timed]
+                behind = min((s.newest_ns for s in unclocked), default=None)
+                holding = [s.name for s in unclocked if s.newest_ns == behind]
+                self.reporter.warn(
+                    f"more than {MAX_BUFFERED} packets held back for quiet targets without a "
+                    f"clock ({', '.join(holding) or 'none'}): writing the oldest; what those "
+                    "send later from before them will be written late"
+                )
         try:
             self._write(self.merger.release(mark))
         except DdumpError as exc:
