@@ -788,3 +788,20 @@ def test_a_quiet_stdin_cannot_hold_the_others_without_bound(tmp_path: Path) -> N
     assert [ts - old for ts, _ in parser.feed((tmp_path / "out.pcap").read_bytes())] == [
         0, 1, 2, 3, 4,
     ]  # fmt: skip
+
+
+def test_a_slow_sll2_target_still_gets_sll2_output(tmp_path: Path) -> None:
+    # The SLL target starts at once, the SLL2 one 0.6 s later (after --max-delay): the output
+    # is chosen while it has not told its link type, and must still be SLL2, which takes SLL
+    # records without loss, not SLL, which would drop the SLL2 target's interface indexes.
+    sll_frame = b"\x00\x00\x00\x01\x00\x06" + b"\x02" * 8 + b"\x08\x00" + b"sll"
+    a = pcap_stream([(T0 + 1, sll_frame)], linktype=LINKTYPE_LINUX_SLL)
+    b = pcap_stream(numbered("b", [2]))
+    with fake_workers({"/capture": Script(body=[a])}, {"/capture": Script(body=[0.6, b])}) as (
+        wa,
+        wb,
+    ):
+        result = ddump(wa.url(), wb.url(), tmp_path=tmp_path)
+    assert result.status == 0, result.stderr
+    assert PcapHeader.parse(result.pcap[:24]).linktype == 276
+    assert [ts - T0 for ts, _ in result.records()] == [1, 2]

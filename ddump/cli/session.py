@@ -18,6 +18,8 @@ from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
 from ddump.pcap import (
+    LINKTYPE_LINUX_SLL,
+    LINKTYPE_LINUX_SLL2,
     PcapStreamParser,
     Record,
     can_convert,
@@ -37,6 +39,7 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
+_COOKED = {LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2}  # what `tcpdump -i any` gives
 STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
 STATS_CONCURRENCY = 16  # asks at once (--reconnect may leave many captures per target)
 
@@ -434,7 +437,16 @@ class Session:
                 known.append(linktype)
         if not known:
             return
-        self.output.linktype = output_linktype(known)
+        untold = any(
+            r.linktype is None and not r.staged and self.merger.streams[r.index].live
+            for r in self.runs
+        )
+        if untold and set(known) <= _COOKED:
+            # A target still to tell its own may well be LINUX_SLL2: choose that now, which
+            # takes LINUX_SLL records without loss, rather than drop its interface indexes.
+            self.output.linktype = LINKTYPE_LINUX_SLL2
+        else:
+            self.output.linktype = output_linktype(known)
         self.staged = 0
         for run in self.runs:
             staged, run.staged = run.staged, []
