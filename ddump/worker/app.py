@@ -234,15 +234,17 @@ class CaptureHandler(TextErrorsHandler):
         # after a pipelined request (or one stray CRLF) a quiet capture would run forever.
         # So the socket itself is asked, every CLIENT_CHECK_S: hung up, or shut for writing?
         connection = self.request.connection
-        stream = connection.stream if isinstance(connection, HTTP1Connection) else None
-        if stream is None or stream.closed():
+        if not isinstance(connection, HTTP1Connection) or connection.stream.closed():
             return
+        stream = connection.stream
         poller = select.poll()
         poller.register(stream.socket.fileno(), select.POLLRDHUP)
         while not self.client_gone and not stream.closed():
             await asyncio.sleep(CLIENT_CHECK_S)
             if not stream.closed() and poller.poll(0):
-                self.on_connection_close()
+                self.on_connection_close()  # stops tcpdump
+                connection.close()  # and nothing more is written to a client that left
+                return
 
     def _log_end(
         self, number: int, capture: Capture, params: CaptureParams, elapsed_ns: int
