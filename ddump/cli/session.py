@@ -478,10 +478,14 @@ class Session:
                 unclocked = [s for s in self.merger.streams if s.live and not s.timed]
                 behind = min((s.newest_ns for s in unclocked), default=None)
                 holding = [s.name for s in unclocked if s.newest_ns == behind]
+                waiting_for = (
+                    f"quiet targets without a clock ({', '.join(holding)})"
+                    if holding
+                    else "slower targets"
+                )
                 self.reporter.warn(
-                    f"more than {MAX_BUFFERED} packets held back for quiet targets without a "
-                    f"clock ({', '.join(holding) or 'none'}): writing the oldest; what those "
-                    "send later from before them will be written late"
+                    f"more than {MAX_BUFFERED} packets held back for {waiting_for}: writing "
+                    "the oldest; what those send later from before them will be written late"
                 )
         try:
             self._write(self.merger.release(mark))
