@@ -537,14 +537,19 @@ def test_stats_of_an_unknown_capture_are_a_404_and_other_parameters_a_400(fake: 
         assert response.status == 400 and b"filter" in response.read()
 
 
+def wrapper_script(directory: Path, body: str) -> str:
+    """A --tcpdump that is a shell script running `body` (readable by the worker's user)."""
+    directory.chmod(0o755)
+    wrapper = directory / "tcpdump-wrapper"
+    wrapper.write_text(f"#!/bin/sh\n{body}\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 def test_stats_never_signal_a_wrapper_that_would_die_of_it(fake: Fake, tmp_path: Path) -> None:
     # A --tcpdump wrapper that runs tcpdump without exec: SIGUSR1 would kill the shell and
     # leave tcpdump behind, out of reach. The worker signals only a process that handles it.
-    tmp_path.chmod(0o755)
-    wrapper = tmp_path / "tcpdump-wrapper"
-    wrapper.write_text(f'#!/bin/sh\n{fake.path} "$@"\n')
-    wrapper.chmod(0o755)
-    with ThreadWorker(str(wrapper)) as worker:
+    with ThreadWorker(wrapper_script(tmp_path, f'{fake.path} "$@"')) as worker:
         response = worker.get("/capture?filter=fake-idle")
         token = response.getheader("X-Ddump-Capture")
         [pid] = fake.pids()
@@ -570,11 +575,7 @@ def test_statistics_are_not_kept_with_the_messages(fake: Fake) -> None:
 def test_what_a_wrapper_leaves_behind_is_ended_with_it(fake: Fake, tmp_path: Path) -> None:
     # A --tcpdump wrapper that starts tcpdump in the background and exits: the worker ends its
     # whole process group when the process it started ends, so nothing is left running.
-    tmp_path.chmod(0o755)
-    wrapper = tmp_path / "tcpdump-wrapper"
-    wrapper.write_text(f'#!/bin/sh\n{fake.path} "$@" &\nsleep 0.5\n')
-    wrapper.chmod(0o755)
-    with ThreadWorker(str(wrapper)) as worker:
+    with ThreadWorker(wrapper_script(tmp_path, f'{fake.path} "$@" &\nsleep 0.5')) as worker:
         response = worker.get("/capture?filter=fake-idle")
         assert response.status == 200
         [pid] = fake.pids()

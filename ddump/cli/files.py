@@ -11,6 +11,7 @@ import contextlib
 import os
 import stat
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -104,9 +105,18 @@ class FileStream:
         return fd
 
     async def _read_file(self, handle: BinaryIO, on_data: DataCallback) -> None:
+        async def block() -> bytes:
+            return handle.read(READ_SIZE)
+
+        await self._pump(block, on_data)
+
+    async def _read_pipe(self, pipe: PipeReader, on_data: DataCallback) -> None:
+        await self._pump(lambda: pipe.read(READ_SIZE), on_data)
+
+    async def _pump(self, read: Callable[[], Awaitable[bytes]], on_data: DataCallback) -> None:
         while not self._closing:
             try:
-                block = handle.read(READ_SIZE)
+                block = await read()
             except OSError as exc:
                 raise StreamFailure(f"cannot read: {exc.strerror}") from None
             if not block:
@@ -116,18 +126,6 @@ class FileStream:
                 await pending
             else:
                 await asyncio.sleep(0)  # let the other streams and the output run
-
-    async def _read_pipe(self, pipe: PipeReader, on_data: DataCallback) -> None:
-        while not self._closing:
-            try:
-                block = await pipe.read(READ_SIZE)
-            except OSError as exc:
-                raise StreamFailure(f"cannot read: {exc.strerror}") from None
-            if not block:
-                return
-            pending = on_data(block)
-            if pending is not None:
-                await pending
 
     def close(self) -> None:
         self._closing = True

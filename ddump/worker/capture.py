@@ -134,7 +134,7 @@ class Capture:
             if self.stop_reason is None and catches_signal(self._process.pid, signal.SIGUSR1):
                 # Only a process that handles it: tcpdump from "listening on" on; a wrapper
                 # that did not exec tcpdump would die of it and leave tcpdump behind.
-                self._signal_process(signal.SIGUSR1)
+                self._signal(signal.SIGUSR1, group=False)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reported.wait(), max(0.0, deadline - loop.time()))
         if not self.running or self.stop_reason is not None:
@@ -242,18 +242,12 @@ class Capture:
             self._kill_timer = loop.call_at(deadline, self._signal, signal.SIGKILL)
             self._kill_deadline = deadline
 
-    def _signal(self, signum: int) -> None:
-        # Only while not reaped: after that the group id may belong to someone else.
+    def _signal(self, signum: int, *, group: bool = True) -> None:
+        # Only while not reaped: after that the (group) id may belong to someone else.
         if self._process is None or self._exited.is_set():
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, signum)
-
-    def _signal_process(self, signum: int) -> None:
-        if self._process is None or self._exited.is_set():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._process.pid, signum)
+            (os.killpg if group else os.kill)(self._process.pid, signum)
 
     def _watch_exit(self) -> None:
         assert self._process is not None
