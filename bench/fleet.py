@@ -61,6 +61,7 @@ RECORD = struct.Struct("<IIII")
 PROFILE: Path | None = None  # --profile DIR
 SNAPLEN: int | None = None  # --snaplen N
 DDUMP = [str(REPO / ".venv/bin/ddump")]  # --ddump CMD
+WORKER_EXTRA: list[str] = []  # --worker-args "ARGS"
 
 
 # ---- processes and what the kernel says about them ----
@@ -402,7 +403,9 @@ def profile(where: Path | None, name: str, seconds: float, *pids: int) -> list[P
 def start_workers(hosts: list[Host], env: dict[str, str], *extra: str) -> list[WorkerProcess]:
     workers = []
     for host in hosts:
-        worker = WorkerProcess(worker_argv("--listen", f":{WORKER_PORT}", *extra), host, env=env)
+        worker = WorkerProcess(
+            worker_argv("--listen", f":{WORKER_PORT}", *extra, *WORKER_EXTRA), host, env=env
+        )
         workers.append(worker)
         worker.wait_listening()
     return workers
@@ -453,7 +456,7 @@ def part_fanin(streams: int, rate: int, seconds: float, env: dict[str, str]) -> 
             for index in range(n_workers):
                 worker = WorkerProcess(
                     worker_argv("--listen", f"127.0.0.1:{WORKER_PORT + index}",
-                                "--max-captures", str(per_worker)),
+                                "--max-captures", str(per_worker), *WORKER_EXTRA),
                     host, env=env,
                 )  # fmt: skip
                 workers.append(worker)
@@ -565,8 +568,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="py-spy the CLI and a worker, into DIR")
     parser.add_argument("--snaplen", type=int, help="ask the workers for this snapshot length")
     parser.add_argument("--ddump", type=shlex.split, default=DDUMP, help="the CLI command to run")
+    parser.add_argument(
+        "--worker-args", type=shlex.split, default=[], help="more ddump-worker options"
+    )
     args = parser.parse_args()
     PROFILE, SNAPLEN, DDUMP = args.profile, args.snaplen, args.ddump
+    WORKER_EXTRA[:] = args.worker_args
     if os.geteuid() != 0:
         sys.exit("needs root: network namespaces and packet capture")
 

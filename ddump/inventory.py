@@ -16,7 +16,7 @@ import yaml
 
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
-from ddump.protocol import DEFAULT_PORT
+from ddump.protocol import BATCH_PARAM, DEFAULT_PORT
 from ddump.targets import (
     DEFAULT_PATH,
     Endpoint,
@@ -32,6 +32,7 @@ from ddump.targets import (
 
 _STR, _INT, _OPTIONAL_STR = "a string", "an integer", "a string or null"
 _OPTIONAL_INT = "an integer or null"
+_OPTIONAL_BOOL = "true, false or null"
 # null is allowed where it means "none" (no filter, no password, ...), to undo a default.
 _DEFAULT_KEYS = {
     "scheme": _STR,
@@ -39,6 +40,7 @@ _DEFAULT_KEYS = {
     "path": _STR,
     "filter": _OPTIONAL_STR,
     "snaplen": _OPTIONAL_INT,
+    "batch": _OPTIONAL_BOOL,
     "username": _OPTIONAL_STR,
     "password_env": _OPTIONAL_STR,
     "password_file": _OPTIONAL_STR,
@@ -201,7 +203,7 @@ class _Inventory:
             if kind != _NODE and not _has_kind(value, kind):
                 hint = (
                     " (quote it)"
-                    if kind not in (_INT, _OPTIONAL_INT) and isinstance(value_node, yaml.ScalarNode)
+                    if kind in (_STR, _OPTIONAL_STR) and isinstance(value_node, yaml.ScalarNode)
                     else ""
                 )
                 raise self.error(
@@ -250,6 +252,7 @@ class _Inventory:
             raise self.error(node, "a target needs 'host' or 'url'")
         merged = {**defaults, **own}
         endpoint = self.with_snaplen(endpoint, merged.get("snaplen"))
+        endpoint = with_param(endpoint, BATCH_PARAM, _flag_text(merged.get(BATCH_PARAM)))
         username = endpoint.username
         if username is None and "username" in merged:
             username = _str_or_none(merged["username"].value)
@@ -279,9 +282,7 @@ class _Inventory:
         assert isinstance(value, int)
         if not 1 <= value <= DEFAULT_SNAPLEN:
             raise self.error(snaplen.node, f"snaplen must be 1..{DEFAULT_SNAPLEN}, not {value}")
-        if any(name == "snaplen" for name, _ in endpoint.params):
-            return endpoint
-        return replace(endpoint, params=(*endpoint.params, ("snaplen", str(value))))
+        return with_param(endpoint, "snaplen", str(value))
 
     def plain_target(self, node: yaml.ScalarNode) -> _Settings:
         """ "web-1", "web-1:9000", "198.18.0.3", "::1", "[::1]:9000", or a whole URL."""
@@ -309,11 +310,12 @@ class _Inventory:
                 url.node,
                 "the URL holds a password: remove it and use password_env or password_file",
             )
-        url_snaplen = dict(endpoint.params).get("snaplen")
+        params = dict(endpoint.params)
         for name, in_url in (
             ("filter", endpoint.filter),
             ("username", endpoint.username),
-            ("snaplen", url_snaplen),
+            ("snaplen", params.get("snaplen")),
+            (BATCH_PARAM, params.get(BATCH_PARAM)),
         ):
             if in_url is not None and name in own:
                 raise self.error(own[name].node, f"{name} is given twice: in the URL and here")
@@ -385,10 +387,25 @@ def _is_null(node: yaml.Node) -> bool:
 
 
 def _has_kind(value: object, kind: str) -> bool:
+    if kind == _OPTIONAL_BOOL:
+        return value is None or isinstance(value, bool)
     if kind in (_INT, _OPTIONAL_INT):
         is_int = isinstance(value, int) and not isinstance(value, bool)
         return is_int or (kind == _OPTIONAL_INT and value is None)
     return isinstance(value, str) or (kind == _OPTIONAL_STR and value is None)
+
+
+def with_param(endpoint: Endpoint, name: str, value: str | None) -> Endpoint:
+    """The worker's ?name=value from the inventory, unless the target's URL gives one."""
+    if value is None or any(given == name for given, _ in endpoint.params):
+        return endpoint
+    return replace(endpoint, params=(*endpoint.params, (name, value)))
+
+
+def _flag_text(setting: _Setting | None) -> str | None:
+    if setting is None or setting.value is None:
+        return None
+    return "1" if setting.value else "0"
 
 
 def _str_or_none(value: object) -> str | None:

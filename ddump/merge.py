@@ -33,6 +33,7 @@ class StreamState:
     started: bool = False  # its first connection attempt has answered (or failed)
     timed: bool = True  # live: the clock bounds what it can still send; a file has no clock
     clock_offset_ns: int = 0  # worker clock minus ours
+    delay_ns: int = 0  # how much later than others its packets may come (batch captures)
     newest_ns: int = -1  # newest timestamp pushed
     pushed: int = 0
     late: int = 0
@@ -48,12 +49,13 @@ class Merger:
         self.written_ns = -1  # timestamp of the newest record released
         self.buffered = 0
 
-    def add_stream(self, name: str, *, timed: bool = True) -> int:
+    def add_stream(self, name: str, *, timed: bool = True, delay_ns: int = 0) -> int:
         """Register a stream; its index orders ties between streams.
 
-        An untimed stream (a file) holds the others back until it has sent a later record.
+        An untimed stream (a file) holds the others back until it has sent a later record. A
+        timed stream with a delay may deliver a packet that much later than the others do.
         """
-        self.streams.append(StreamState(name, started=not timed, timed=timed))
+        self.streams.append(StreamState(name, started=not timed, timed=timed, delay_ns=delay_ns))
         self._pending.append([])
         self._unsorted.append(False)
         return len(self.streams) - 1
@@ -110,7 +112,8 @@ class Merger:
             if state.live and not state.timed:
                 mark = min(mark, state.newest_ns - 1)
             elif state.live:
-                mark = min(mark, max(state.newest_ns - 1, idle_mark + state.clock_offset_ns))
+                idle = idle_mark - state.delay_ns + state.clock_offset_ns
+                mark = min(mark, max(state.newest_ns - 1, idle))
         return mark
 
     def oldest_mark(self, count: int) -> int:

@@ -14,3 +14,8 @@ INTERFACES_HEADER: Final = "X-Ddump-Interfaces"
 # Names the capture a /capture response streams, for GET /capture/stats?id=NAME.
 CAPTURE_HEADER: Final = "X-Ddump-Capture"
 STATS_PATH: Final = "/stats"  # appended to the capture path
+# `?batch=1`: tcpdump without --immediate-mode. The kernel hands its packets over a block at a
+# time, when the block is full or after tcpdump's timeout (1 s, fixed in tcpdump): a packet may
+# come this much later than it would otherwise, which the CLI's merge waits for.
+BATCH_PARAM: Final = "batch"
+BATCH_DELAY_NS: Final = 1_000_000_000

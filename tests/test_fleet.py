@@ -138,6 +138,35 @@ def test_merged_capture_holds_every_packet_of_every_host_in_order(
     assert cli.stderr.count(", 0 dropped by the kernel  [") == 3, cli.stderr
 
 
+def test_batch_captures_come_whole_and_in_order_at_the_default_max_delay(
+    fleet: Workers, tmp_path: Path
+) -> None:
+    # --batch: tcpdump hands packets over a block at a time, up to 1 s after capture; the
+    # merge waits that long for those targets, so nothing comes out late or out of order.
+    h1, h2, h3 = fleet.fleet.hosts
+    cli = Cli(["--batch", fleet.url(0), fleet.url(1), fleet.url(2)], tmp_path / "out.pcap")
+    cli.wait_capturing(fleet, 3)
+    for worker in fleet.workers:
+        starts = [line for line in worker.log().splitlines() if " start:" in line]
+        assert " batch pid=" in starts[-1], starts[-1]
+    sent = udp_traffic(h1, h2, port=5001, count=300, rate=3000, src_port=4001)
+    udp_traffic(h3, h1, port=5003, count=30, rate=300, src_port=4003)
+    time.sleep(2.5)  # the kernel hands over a block that is not full after 1 s
+    status = cli.finish()
+    records = cli.records()
+
+    assert status == 0, cli.stderr
+    stamps = [ts for ts, _ in records]
+    assert stamps == sorted(stamps)
+    assert sent.received == 300
+    seen = flows(records)
+    ports = struct.pack(">HH", 4001, 5001)
+    for seq in range(300):
+        assert [pkttype for _, pkttype in seen[(ports, seq)]] == [PACKET_OUTGOING, 0], seq
+    assert "ddump: 660 packets written" in cli.stderr
+    assert "late" not in cli.stderr, cli.stderr
+
+
 def capture_h1_to_h2(fleet: Workers, out: Path, *, port: int, count: int) -> Cli:
     """h1 and h2 captured into `out` while h1 sends `count` datagrams to h2, then stopped."""
     h1, h2, _ = fleet.fleet.hosts

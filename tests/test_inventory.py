@@ -506,6 +506,49 @@ def test_snaplen_from_defaults_or_target_goes_to_the_worker(tmp_path: Path) -> N
     ]
 
 
+def test_batch_from_defaults_or_target_goes_to_the_worker(tmp_path: Path) -> None:
+    targets = load(
+        tmp_path,
+        """
+        defaults: {batch: true}
+        targets:
+          - 198.18.0.1
+          - {host: 198.18.0.2, batch: false}
+          - {host: 198.18.0.3, batch: null}
+          - url: http://198.18.0.4/capture?batch=0
+        """,
+    )
+    assert [t.url for t in targets] == [
+        "http://198.18.0.1:8475/capture?batch=1",
+        "http://198.18.0.2:8475/capture?batch=0",
+        "http://198.18.0.3:8475/capture",
+        "http://198.18.0.4:8475/capture?batch=0",
+    ]
+
+
+def test_command_line_batch_fills_in_what_targets_do_not_give(tmp_path: Path) -> None:
+    fleet = write(tmp_path, "targets: [198.18.0.1, {host: 198.18.0.2, batch: false}]\n")
+    options = parse_args(["--batch", "-f", fleet, "http://198.18.0.3?batch=0", "http://[::1]"])
+    assert [target.url for target in collect_targets(options)] == [
+        "http://198.18.0.3:8475/capture?batch=0",
+        "http://[::1]:8475/capture?batch=1",
+        "http://198.18.0.1:8475/capture?batch=1",
+        "http://198.18.0.2:8475/capture?batch=0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("targets: [{host: h, batch: 1}]", "batch must be true, false or null, not an integer '1'"),
+        ("targets: [{host: h, batch: 'yes'}]", "batch must be true, false or null"),
+        ("targets: [{url: 'http://h/capture?batch=1', batch: true}]", "batch is given twice"),
+    ],
+)
+def test_bad_batch_is_reported_where_it_is(tmp_path: Path, text: str, message: str) -> None:
+    assert message in error_of(tmp_path, text)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -84,6 +84,21 @@ def test_clock_offset_moves_an_idle_streams_mark() -> None:
     assert merger.watermark(100 * MS, max_delay_ns=10 * MS) == 95 * MS
 
 
+def test_a_delayed_stream_holds_the_others_back_for_its_delay_too() -> None:
+    merger = Merger()
+    busy, batch = merger.add_stream("busy"), merger.add_stream("batch", delay_ns=1000 * MS)
+    merger.start_stream(busy)
+    merger.start_stream(batch)
+    start = 10_000 * MS
+    merger.push(busy, [rec(start)])
+
+    assert merger.watermark(start + 1200 * MS, max_delay_ns=250 * MS) == start - 50 * MS
+    assert merger.watermark(start + 1300 * MS, max_delay_ns=250 * MS) == start + 50 * MS
+    # Its own records still move its mark at once, like any stream's.
+    merger.push(batch, [rec(start + 5 * MS)])
+    assert merger.watermark(start, max_delay_ns=250 * MS) == start - 1
+
+
 def test_ended_stream_no_longer_holds_output() -> None:
     merger = Merger()
     a, b = merger.add_stream("a"), merger.add_stream("b")

@@ -226,11 +226,20 @@ def test_tcpdump_runs_with_the_composed_filter_after_double_dash(fake: Fake) -> 
         worker.get("/capture?count=1&snaplen=96&filter=udp+or+(tcp)").read()
     assert fake.runs() == [
         [
-            *("-i", "any", "-U", "--immediate-mode", "-w", "-", "--time-stamp-precision=nano"),
+            *("-i", "any", "-U", "-w", "-", "--time-stamp-precision=nano", "--immediate-mode"),
             *("-s", "96", "-c", "1", "--"),
             "not (tcp port 8475) and not (tcp port 443) and (udp or (tcp))",
         ]
     ]
+
+
+def test_a_batch_capture_runs_tcpdump_without_immediate_mode(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        worker.get("/capture?count=1&batch=1").read()
+        worker.get("/capture?count=1&batch=0").read()
+    batch, immediate = fake.runs()
+    assert "--immediate-mode" not in batch
+    assert immediate == [*batch[:6], "--immediate-mode", *batch[6:]]
 
 
 def test_duration_ends_the_response_cleanly_even_with_no_packet(fake: Fake) -> None:

@@ -140,13 +140,20 @@ def test_argv_is_fixed_options_then_filter_after_double_dash() -> None:
         "-i",
         "any",
         "-U",
-        "--immediate-mode",
         "-w",
         "-",
         "--time-stamp-precision=nano",
+        "--immediate-mode",
         "--",
         "not (tcp port 8475)",
     ]
+
+
+def test_a_batch_capture_runs_tcpdump_without_immediate_mode() -> None:
+    immediate = tcpdump_argv("tcpdump", "udp")
+    batch = tcpdump_argv("tcpdump", "udp", batch=True)
+    assert "--immediate-mode" in immediate
+    assert batch == [arg for arg in immediate if arg != "--immediate-mode"]
 
 
 def test_argv_carries_buffer_snaplen_and_count() -> None:
@@ -162,8 +169,24 @@ def test_argv_without_filter_ends_with_double_dash() -> None:
 
 
 def test_query_accepts_every_documented_parameter() -> None:
-    params = query(filter=" udp ", snaplen="96", count="3", duration="1.5")
-    assert params == CaptureParams(filter="udp", snaplen=96, count=3, duration_ns=1_500_000_000)
+    params = query(filter=" udp ", snaplen="96", count="3", duration="1.5", batch="1")
+    assert params == CaptureParams(
+        filter="udp", snaplen=96, count=3, duration_ns=1_500_000_000, batch=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "batch"), [("0", False), ("1", True), ("true", True), (" FALSE ", False)]
+)
+def test_batch_is_a_flag(text: str, batch: bool) -> None:
+    assert query(batch=text).batch is batch
+    assert query().batch is False
+
+
+@pytest.mark.parametrize("text", ["", "2", "yes", "on"])
+def test_batch_other_than_0_or_1_is_refused(text: str) -> None:
+    with pytest.raises(FilterError, match="batch must be 0 or 1"):
+        query(batch=text)
 
 
 def test_unknown_parameter_is_refused_with_the_accepted_list() -> None:
@@ -171,7 +194,7 @@ def test_unknown_parameter_is_refused_with_the_accepted_list() -> None:
         query(interface="eth0")
     message = str(caught.value)
     assert "'interface'" in message
-    for name in ("filter", "snaplen", "count", "duration"):
+    for name in ("filter", "snaplen", "count", "duration", "batch"):
         assert name in message
     assert "any" in message
 

@@ -22,6 +22,7 @@ from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
 from ddump.pcapng import PcapngWriter
+from ddump.protocol import BATCH_PARAM
 from ddump.targets import Target, parse_target, redact, unique_names
 
 PASSWORD_ENV = "DDUMP_PASSWORD"
@@ -45,7 +46,7 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
             if target.username is not None and target.password is None:
                 # `https://ops@host`: the password stays out of the command line (and /proc).
                 target = replace(target, password=os.environ.get(PASSWORD_ENV))
-            sources.append(with_snaplen(target, options.snaplen))
+            sources.append(with_worker_defaults(target, options))
     if options.inventories:
         from ddump.inventory import load_inventory  # YAML only when there is an inventory
     for path in options.inventories:
@@ -54,7 +55,7 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
                 target = replace(
                     with_query_default(target, "filter", options.filter), filter=options.filter
                 )
-            sources.append(with_snaplen(target, options.snaplen))
+            sources.append(with_worker_defaults(target, options))
     if not sources:
         raise UsageError("the inventory selects no targets")
     if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
@@ -72,9 +73,13 @@ def with_query_default(target: Target, key: str, value: str) -> Target:
     return replace(target, url=urlunsplit(parts._replace(query=query)))
 
 
-def with_snaplen(target: Target, snaplen: int | None) -> Target:
-    """`-s SNAPLEN` for a target whose URL or inventory entry gives no snaplen."""
-    return target if snaplen is None else with_query_default(target, "snaplen", str(snaplen))
+def with_worker_defaults(target: Target, options: Options) -> Target:
+    """`-s SNAPLEN` and `--batch` for a target whose URL or inventory entry gives neither."""
+    if options.snaplen is not None:
+        target = with_query_default(target, "snaplen", str(options.snaplen))
+    if options.batch:
+        target = with_query_default(target, BATCH_PARAM, "1")
+    return target
 
 
 def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> None:

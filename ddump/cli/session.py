@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
@@ -28,6 +29,7 @@ from ddump.pcap import (
     output_linktype,
 )
 from ddump.pcapng import CaptureCounts
+from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM
 from ddump.targets import Target, redact
 
 if TYPE_CHECKING:
@@ -92,7 +94,11 @@ class Session:
         # A capture file has no clock: it is merged by its timestamps alone.
         self.runs = [
             _Run(
-                self.merger.add_stream(t.name, timed=isinstance(t, Target)), t, TargetCounts(t.name)
+                self.merger.add_stream(
+                    t.name, timed=isinstance(t, Target), delay_ns=_delivery_delay_ns(t)
+                ),
+                t,
+                TargetCounts(t.name),
             )
             for t in targets
         ]
@@ -202,8 +208,8 @@ class Session:
         where = ", ".join(f"{c.name}: {c.dropped}" for c in dropped)
         self.reporter.warn(
             f"{at_least}{total} packets were dropped by the kernel before tcpdump could take "
-            f"them ({where}): capture less (-s 200, a narrower filter) or give ddump-worker a "
-            "larger --buffer-size"
+            f"them ({where}): capture less (-s 200, a narrower filter), use --batch if a "
+            "second of delay is fine, or give ddump-worker a larger --buffer-size"
         )
 
     async def _tcpdump_counts(self, target: Target, capture_id: str) -> CaptureCounts:
@@ -557,6 +563,15 @@ class Session:
                     f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
                     f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
                 )
+
+
+def _delivery_delay_ns(target: Target | FileSource) -> int:
+    """How much later than an immediate capture the target's packets may arrive."""
+    if not isinstance(target, Target):
+        return 0
+    query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
+    batch = query.get(BATCH_PARAM, ["0"])[-1].strip().lower() in ("1", "true")
+    return BATCH_DELAY_NS if batch else 0
 
 
 def _count(answer: dict[str, object], key: str) -> int | None:

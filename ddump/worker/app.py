@@ -132,6 +132,7 @@ class CaptureHandler(TextErrorsHandler):
             snaplen=params.snaplen,
             count=params.count,
             buffer_kib=self.state.buffer_kib,
+            batch=params.batch,
         )
         capture = Capture(
             argv,
@@ -167,13 +168,14 @@ class CaptureHandler(TextErrorsHandler):
             capture.abort("client closed")
         started_ns = time.monotonic_ns()
         log.info(
-            "capture %d start: client=%s filter=%s snaplen=%s count=%s duration=%s pid=%s",
+            "capture %d start: client=%s filter=%s snaplen=%s count=%s duration=%s%s pid=%s",
             number,
             self.client(),
             _show_filter(params.filter),
             params.snaplen or "-",
             params.count or "-",
             seconds_text(params.duration_ns) if params.duration_ns else "-",
+            " batch" if params.batch else "",
             capture.pid,
         )
         timer = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pwd
 import secrets
@@ -40,6 +41,11 @@ STDERR_KEEP = 64 * 1024  # tcpdump says a few lines; a flood of warnings must no
 STDERR_LINE_MAX = 4096  # a longer "line" is not one of tcpdump's statistics lines
 ENDED_KEEP = 256  # ended captures whose statistics a client can still ask for...
 ENDED_KEEP_S = 600  # ...for this long
+# tcpdump's stdout pipe: the default 64 KiB holds a few hundred small packets, so a worker that
+# waits for the CPU a few ms stops tcpdump, whose ring then overflows (it counts slots of the
+# snapshot length, not bytes). A pipe holds packets densely: 1 MiB (the unprivileged maximum,
+# /proc/sys/fs/pipe-max-size) is ~10,000 small packets of slack at no cost when it is empty.
+PIPE_SIZE = 1024 * 1024
 _EXIT_POLL_S = 0.05  # only where pidfd_open is missing (Linux < 5.3)
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -148,6 +154,7 @@ class Capture:
         # closes fds its PipeIOStreams still own, which later close someone else's socket.
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
+        _grow_pipe(out_write)
         try:
             self._process = subprocess.Popen(
                 self.argv,
@@ -401,3 +408,9 @@ class CaptureRegistry:
         except TimeoutError:
             return False
         return True
+
+
+def _grow_pipe(fd: int) -> None:
+    """Best effort: over the per-user pipe quota the kernel refuses (EPERM); 64 KiB it is."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from ddump.protocol import BATCH_PARAM
 from ddump.worker.filter import FilterError, check_filter
 
 MAX_SNAPLEN = 262144
@@ -18,8 +19,10 @@ ACCEPTED = (
     f"snaplen (1..{MAX_SNAPLEN})",
     "count (packets, >= 1)",
     "duration (seconds, > 0)",
+    f"{BATCH_PARAM} (0 or 1)",
 )
-_NAMES = ("filter", "snaplen", "count", "duration")
+_NAMES = ("filter", "snaplen", "count", "duration", BATCH_PARAM)
+_FLAGS = {"0": False, "false": False, "1": True, "true": True}
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class CaptureParams:
     snaplen: int | None = None
     count: int | None = None
     duration_ns: int | None = None
+    batch: bool = False  # tcpdump without --immediate-mode: packets come in blocks, <= 1 s late
 
 
 def parse_query(arguments: Mapping[str, Sequence[bytes]]) -> CaptureParams:
@@ -57,7 +61,15 @@ def parse_query(arguments: Mapping[str, Sequence[bytes]]) -> CaptureParams:
         snaplen=_integer(values, "snaplen", 1, MAX_SNAPLEN),
         count=_integer(values, "count", 1, MAX_COUNT),
         duration_ns=_duration_ns(values.get("duration")),
+        batch=_flag(values, BATCH_PARAM),
     )
+
+
+def _flag(values: Mapping[str, str], name: str) -> bool:
+    text = values.get(name, "0").strip().lower()
+    if text not in _FLAGS:
+        raise FilterError(f"{name} must be 0 or 1, got {text!r}")
+    return _FLAGS[text]
 
 
 def _integer(values: Mapping[str, str], name: str, low: int, high: int) -> int | None:
