@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ddump.pcap import LINKTYPE_LINUX_SLL, PcapHeader, PcapStreamParser
+from ddump.pcap import LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, PcapHeader, PcapStreamParser
 from tests.certs import Pki, make_pki
 from tests.fake_worker import FakeWorker, Script, fake_workers, pcap_stream, sll2_packet
 from tests.test_pcapng import walk
@@ -324,6 +324,41 @@ def test_sigint_writes_what_is_buffered_and_exits_zero(tmp_path: Path) -> None:
     parser = PcapStreamParser()
     assert proc.returncode == 0, err
     assert [d[36:] for _, d in parser.feed(out.read_bytes())] == [b"future"]
+
+
+def _interrupted_batch_capture(tmp_path: Path, interrupts: int) -> tuple[int, bytes, list[bytes]]:
+    """A batch target whose last block comes 0.8 s after the first SIGINT, sent at 0.3 s."""
+    header = PcapHeader(linktype=LINKTYPE_LINUX_SLL2).to_bytes()
+    block = pcap_stream([(time.time_ns(), sll2_packet(b"last block"))])[24:]
+    out = tmp_path / "out.pcap"
+    with fake_workers({"/capture": Script(body=[header, 1.1, block], end="hang")}) as (w,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "--batch", "-w", str(out), w.url()],
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not w.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        for _ in range(interrupts):
+            proc.send_signal(2)
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=10)
+    parser = PcapStreamParser()
+    return proc.returncode, err, [d[36:] for _, d in parser.feed(out.read_bytes())]
+
+
+def test_a_stop_waits_for_batch_targets_to_hand_over_their_last_block(tmp_path: Path) -> None:
+    status, err, payloads = _interrupted_batch_capture(tmp_path, interrupts=1)
+    assert status == 0, err
+    assert b"SIGINT: stopping in 1.25 s, once batch targets have handed over" in err
+    assert payloads == [b"last block"]
+
+
+def test_a_second_sigint_stops_a_batch_capture_at_once_and_cleanly(tmp_path: Path) -> None:
+    status, err, payloads = _interrupted_batch_capture(tmp_path, interrupts=2)
+    assert status == 0, err
+    assert payloads == []
 
 
 def test_reconnect_retries_a_failed_target(tmp_path: Path) -> None:

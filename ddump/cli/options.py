@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--immediate-mode, so the kernel hands packets over in blocks. tcpdump then needs "
         "several times less CPU per packet and its buffer holds packets densely (far fewer "
         "drops), but a packet may reach the output about 1 s later: the merge waits that "
-        "much longer for those targets",
+        "much longer for those targets, and so does a stop (a second Ctrl-C stops at once)",
     )
 
     output = parser.add_argument_group("output")

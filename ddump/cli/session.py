@@ -106,6 +106,7 @@ class Session:
         self.stop_reason = ""
         self.staged = 0  # records held until the output's link type is known
         self._warned_full = False
+        self._stop_timer: asyncio.TimerHandle | None = None
         self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.fatal: DdumpError | None = None
@@ -124,7 +125,7 @@ class Session:
         ticker = self._spawn(self._tick(), "ticker")
         if self.settings.duration_ns is not None:
             asyncio.get_running_loop().call_later(
-                self.settings.duration_ns / 1e9, self.stop, "duration reached"
+                self.settings.duration_ns / 1e9, self.stop_after_batches, "duration reached"
             )
         try:
             await asyncio.gather(*streams)
@@ -229,12 +230,46 @@ class Session:
         if error is not None and not isinstance(error, OutputClosed) and self.fatal is None:
             self.fatal = error
 
+    @property
+    def waiting_for_batches(self) -> bool:
+        """A stop was asked for and waits for batch targets (see stop_after_batches)."""
+        return self._stop_timer is not None and not self.stopping
+
+    def stop_after_batches(self, reason: str) -> None:
+        """Stop, but first let batch targets hand over what they captured until now.
+
+        A batch capture's kernel hands over its current block at the latest 1 s after it
+        began: waiting that long (and --max-delay for the way here) loses nothing captured
+        before the stop. Packets of the other targets captured meanwhile are kept too.
+        """
+        if self.stopping or self._stop_timer is not None:
+            return
+        wait_ns = max(
+            (
+                self.merger.streams[r.index].delay_ns
+                for r in self.runs
+                if r.counts.state == "capturing" and self.merger.streams[r.index].live
+            ),
+            default=0,
+        )
+        if not wait_ns:
+            self.stop(reason)
+            return
+        wait_s = (wait_ns + self.settings.max_delay_ns) / 1e9
+        self.reporter.info(
+            f"{reason}: stopping in {wait_s:g} s, once batch targets have handed over "
+            "their last packets (Ctrl-C again to stop now)"
+        )
+        self._stop_timer = asyncio.get_running_loop().call_later(wait_s, self.stop, reason)
+
     def stop(self, reason: str) -> None:
         """End the session: close every stream (the workers stop their tcpdump)."""
         if self.stopping:
             return
         self.stopping = True
         self.stop_reason = reason
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
         self.reporter.detail(f"stopping: {reason}")
         self._stop_event.set()
         for r in self.runs:
