@@ -144,6 +144,8 @@ def test_argv_is_fixed_options_then_filter_after_double_dash() -> None:
         "-",
         "--time-stamp-precision=nano",
         "--immediate-mode",
+        "-s",
+        "262000",
         "--",
         "not (tcp port 8475)",
     ]

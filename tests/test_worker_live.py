@@ -229,6 +229,33 @@ def test_tcpdumps_counts_are_there_while_it_runs_and_after(fleet: Fleet, tcpdump
     assert ended["received"] >= ended["captured"] and ended["dropped_by_kernel"] == 0
 
 
+def ring_bytes(pid: int) -> list[int]:
+    """Sizes of the packet rings tcpdump `pid` has mapped (socket mappings in its maps)."""
+    sizes = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.rstrip().endswith("]") and "socket:[" in line:
+            start, end = (int(part, 16) for part in line.split()[0].split("-"))
+            sizes.append(end - start)
+    return sizes
+
+
+@pytest.mark.parametrize(("query", "mib"), [("", 32), ("batch=1", 32), ("snaplen=65535", 64)])
+def test_the_ring_a_capture_pins_is_what_the_readme_says(
+    fleet: Fleet, tcpdump: str, query: str, mib: int
+) -> None:
+    # 128 slots of the default snapshot length fit 256 KiB blocks (with tcpdump's 262144 they
+    # took 512 KiB each: 64 MiB); an explicit 65535 gets 512 slots of 128 KiB.
+    h1, _ = fleet.hosts
+    with start_worker(h1, tcpdump) as worker:
+        client = capture(worker, query)
+        assert client.response.status == 200
+        (pid,) = tcpdump_children(worker)
+        sizes = ring_bytes(pid)
+        client.close()
+    assert len(sizes) == 1, sizes
+    assert mib * 2**20 <= sizes[0] <= (mib + 1) * 2**20, sizes[0] / 2**20
+
+
 def test_tcp_stream_and_icmp_echoes_are_captured_whole(fleet: Fleet, tcpdump: str) -> None:
     h1, h2 = fleet.hosts
     with start_worker(h1, tcpdump) as worker:

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BUFFER_KIB,
         help="kernel capture buffer of each capture, in KiB (tcpdump -B; default "
         f"{DEFAULT_BUFFER_KIB}). In immediate mode (the default) every packet takes a slot of "
-        "the snapshot length, so at the default snaplen this holds 128 packets (in 64 MiB: "
-        "libpcap rounds each slot up to a power of two): the burst a capture absorbs while "
+        "the snapshot length, so at the default snaplen (262000) this holds 128 packets: "
+        "the burst a capture absorbs while "
         "tcpdump or its client is slow before the kernel drops. Clients asking for a small "
         "snaplen get more slots; a ?batch=1 capture packs packets densely. Up to "
         "--max-captures of these are allocated at once.",

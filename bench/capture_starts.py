@@ -1,0 +1,105 @@
+"""How long a worker takes to start N captures at once: time from N concurrent requests to each
+response's headers (tcpdump listening). Loopback only; bounded; stops what it started.
+
+    sudo .venv/bin/python bench/capture_starts.py --captures 1,4,16,64
+    sudo .venv/bin/python bench/capture_starts.py --captures 16 --worker-args "--buffer-size 2048"
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = str(REPO / ".venv/bin/ddump-worker")
+HOLD_S = 1.0  # each capture stays open this long after its headers, so all overlap
+TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    sys.exit("the worker did not start listening")
+
+
+def start_captures(port: int, count: int) -> list[float]:
+    """Seconds from the start to each response's headers (inf: no answer)."""
+    results = [float("inf")] * count
+    start = time.monotonic()
+
+    def one(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+        try:
+            connection.request("GET", "/capture?filter=udp%20port%205000")
+            response = connection.getresponse()
+            if response.status == 200:
+                results[index] = time.monotonic() - start
+            time.sleep(HOLD_S)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S + HOLD_S)
+    return sorted(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--captures", default="1,4,16,64", help="concurrent captures, per run")
+    parser.add_argument("--worker-args", type=shlex.split, default=[], help="ddump-worker options")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root: packet capture")
+    print("| concurrent captures | worker options | first / median / last response s |")
+    print("|---:|---|---:|")
+    for count in (int(n) for n in args.captures.split(",")):
+        port = free_port()
+        worker = subprocess.Popen(
+            [WORKER, "--listen", f"127.0.0.1:{port}", "--max-captures", str(count),
+             *args.worker_args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_listening(port, time.monotonic() + 10)
+            times = start_captures(port, count)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        options = " ".join(args.worker_args) or "defaults"
+        print(
+            f"| {count} | {options} | {times[0]:.2f} / {times[len(times) // 2]:.2f} / "
+            f"{times[-1]:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
