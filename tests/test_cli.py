@@ -329,7 +329,10 @@ def test_sigint_writes_what_is_buffered_and_exits_zero(tmp_path: Path) -> None:
 def _interrupted_batch_capture(tmp_path: Path, interrupts: int) -> tuple[int, bytes, list[bytes]]:
     """A batch target whose last block comes 0.8 s after the first SIGINT, sent at 0.3 s."""
     header = PcapHeader(linktype=LINKTYPE_LINUX_SLL2).to_bytes()
-    block = pcap_stream([(time.time_ns(), sll2_packet(b"last block"))])[24:]
+    now = time.time_ns()
+    # The block also holds a packet captured after the stop: that one is not written.
+    later = now + 3 * 10**9
+    block = pcap_stream([(now, sll2_packet(b"last block")), (later, sll2_packet(b"later"))])[24:]
     out = tmp_path / "out.pcap"
     with fake_workers({"/capture": Script(body=[header, 1.1, block], end="hang")}) as (w,):
         proc = subprocess.Popen(
@@ -359,6 +362,27 @@ def test_a_second_sigint_stops_a_batch_capture_at_once_and_cleanly(tmp_path: Pat
     status, err, payloads = _interrupted_batch_capture(tmp_path, interrupts=2)
     assert status == 0, err
     assert payloads == []
+
+
+def test_one_sigint_ends_the_wait_of_a_duration_stop_cleanly(tmp_path: Path) -> None:
+    header = PcapHeader(linktype=LINKTYPE_LINUX_SLL2).to_bytes()
+    out = tmp_path / "out.pcap"
+    argv = ["--batch", "--duration", "0.5", "--max-delay", "2s", "-w", str(out)]
+    with fake_workers({"/capture": Script(body=[header], end="hang")}) as (w,):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", *argv, w.url()], stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 10
+        while not w.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.9)  # the duration is over: the stop waits 3 s for the batch target
+        interrupted = time.monotonic()
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert b"duration reached: stopping in 3 s" in err and b"(Ctrl-C to stop now)" in err
+    assert time.monotonic() - interrupted < 1.5, err  # not the rest of the wait
+    assert out.read_bytes() == header
 
 
 def test_reconnect_retries_a_failed_target(tmp_path: Path) -> None:

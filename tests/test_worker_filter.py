@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ddump.errors import UsageError
+from ddump.worker.capture import pipe_size_for
 from ddump.worker.filter import (
     MAX_FILTER_LEN,
     FilterError,
@@ -327,6 +328,67 @@ def test_records_are_counted_however_the_stream_is_split(
         position += cut
     counter.feed(data[position:])
     assert (counter.records, counter.bytes) == (5 + len(caplens), len(data))
+
+
+def _timed_pcap(stamps_ns: list[int], nano: bool = True, big_endian: bool = False) -> bytes:
+    order = ">" if big_endian else "<"
+    magic = 0xA1B23C4D if nano else 0xA1B2C3D4
+    out = struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 262144, 276)
+    for index, ts in enumerate(stamps_ns):
+        frac = ts % 10**9 if nano else ts % 10**9 // 1000
+        body = bytes([index]) * (index % 7 + 1)
+        out += struct.pack(order + "IIII", ts // 10**9, frac, len(body), len(body)) + body
+    return out
+
+
+@given(
+    st.lists(st.integers(0, 40), max_size=30),
+    st.integers(0, 12),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_cutoff_ends_the_stream_before_the_first_later_record(
+    cuts: list[int], cutoff_after: int, nano: bool, big: bool
+) -> None:
+    stamps = [10**9 * second + 500_000 for second in range(1, 11)]
+    data = _timed_pcap(stamps, nano=nano, big_endian=big)
+    starts = [len(_timed_pcap(stamps[:index], nano=nano)) for index in range(len(stamps))]
+    counter = RecordCounter()
+    passed = b""
+    position = 0
+    begun = len(stamps)  # records begun before the cutoff was set
+    for cut in [*cuts, len(data)]:
+        if counter.cutoff_ns is None and position >= 24:  # set once the stream runs
+            counter.cutoff_ns = 10**9 * cutoff_after + 700_000  # after second `cutoff_after`
+            begun = sum(start < position for start in starts)
+        passed += counter.feed(data[position : position + cut])
+        position += cut
+        if counter.cut:
+            break
+    # What is passed on is whole records: every one up to the cutoff, and one already begun
+    # when the cutoff came (it cannot be cut any more), nothing else.
+    kept_records = min(len(stamps), max(cutoff_after, begun))
+    assert counter.records == kept_records
+    assert passed == _timed_pcap(stamps[:kept_records], nano=nano, big_endian=big)
+
+
+def test_a_cutoff_keeps_records_up_to_it_and_cuts_the_rest_in_one_chunk() -> None:
+    stamps = [10**9 * second for second in range(1, 6)]
+    data = _timed_pcap(stamps)
+    counter = RecordCounter()
+    assert counter.feed(data[:24]) == data[:24]
+    counter.cutoff_ns = 3 * 10**9  # records at 1, 2 and 3 s stay; 4 and 5 s go
+    assert data[:24] + counter.feed(data[24:]) == _timed_pcap(stamps[:3])
+    assert counter.records == 3 and counter.cut
+    assert counter.feed(b"more") == b""
+
+
+def test_pipe_size_stays_within_the_users_pipe_quota() -> None:
+    assert pipe_size_for(16, quota_pages=16384) == 1024 * 1024
+    assert pipe_size_for(64, quota_pages=16384) == 512 * 1024
+    assert pipe_size_for(256, quota_pages=16384) == 128 * 1024
+    assert pipe_size_for(100_000, quota_pages=16384) == 64 * 1024  # the kernel's default
+    assert pipe_size_for(100_000, quota_pages=0) == 1024 * 1024  # no quota
 
 
 # ---- --listen ----

@@ -386,6 +386,30 @@ def test_duration_ends_an_idle_capture_cleanly_on_time(fleet: Fleet, tcpdump: st
     assert 1 <= elapsed < 3
 
 
+def test_a_batch_captures_duration_keeps_its_last_second(fleet: Fleet, tcpdump: str) -> None:
+    # The kernel hands a batch capture's packets over a block at a time, up to a second after
+    # they came: a stop waits for them, then cuts the stream at the stop's time.
+    h1, h2 = fleet.hosts
+    with start_worker(h1, tcpdump) as worker:
+        start = time.monotonic()
+        client = capture(worker, "filter=udp+port+5000&batch=1&duration=2.5")
+        assert client.response.status == 200
+        sender = threading.Thread(
+            target=udp_traffic, args=(h2, h1), kwargs={"port": 5000, "count": 80, "rate": 20}
+        )
+        sender.start()
+        client.wait_end()
+        elapsed = time.monotonic() - start
+        sender.join(10)
+    seqs = [parse_seq(p.payload) for p in client.packets()]
+    # 2.5 s at 20 packets/s, all of them, in order (the ring hands the last block over at
+    # 2 s + 1 s, after the stop: without the wait, the packets of 2..2.5 s were lost).
+    assert seqs == list(range(len(seqs)))
+    assert 45 <= len(seqs) <= 52, len(seqs)
+    assert 2.5 <= elapsed < 5, elapsed
+    assert "batch" in worker.log() and "duration reached" in worker.log()
+
+
 def test_unix_socket_serves_captures(fleet: Fleet, tcpdump: str) -> None:
     h1, h2 = fleet.hosts
     with tempfile.TemporaryDirectory() as directory:

@@ -97,14 +97,14 @@ async def run_session(session: Session) -> bool:
 
     def on_signal(signum: int) -> None:
         nonlocal interrupts
-        name = signal.Signals(signum).name
-        if session.waiting_for_batches:  # the second: stop now, still cleanly
-            session.stop(name)
-            return
         interrupts += 1
-        if interrupts > 1:
+        name = signal.Signals(signum).name
+        if session.waiting_for_batches:  # stop now, still cleanly
+            session.stop(name)
+        elif interrupts > 1:
             os._exit(ExitStatus.KILLED)
-        session.stop_after_batches(name)
+        else:
+            session.stop_after_batches(name)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -40,8 +40,8 @@ exit status:
      closed output)
   1  at least one target failed (the others were still merged), or the output failed
   2  bad usage: options, URLs, inventory or TLS files; nothing was started
-  130  a second Ctrl-C ended ddump at once (with --batch: a third, the second stops
-       the wait for the last blocks)
+  130  a second Ctrl-C ended ddump at once (with batch targets: a third, the second
+       ends the wait for their last blocks)
 """
 
 

@@ -107,6 +107,7 @@ class Session:
         self.staged = 0  # records held until the output's link type is known
         self._warned_full = False
         self._stop_timer: asyncio.TimerHandle | None = None
+        self._cutoff_ns: int | None = None  # the time of a stop that waits for batch targets
         self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.fatal: DdumpError | None = None
@@ -256,10 +257,12 @@ class Session:
             self.stop(reason)
             return
         wait_s = (wait_ns + self.settings.max_delay_ns) / 1e9
+        again = "again " if reason == "SIGINT" else ""
         self.reporter.info(
             f"{reason}: stopping in {wait_s:g} s, once batch targets have handed over "
-            "their last packets (Ctrl-C again to stop now)"
+            f"their last packets (Ctrl-C {again}to stop now)"
         )
+        self._cutoff_ns = time.time_ns()  # what is captured later is not written
         self._stop_timer = asyncio.get_running_loop().call_later(wait_s, self.stop, reason)
 
     def stop(self, reason: str) -> None:
@@ -401,6 +404,11 @@ class Session:
             self._start_pcapng(run)
         if not records or self.stopping or run.refused:
             return
+        if self._cutoff_ns is not None and isinstance(run.target, Target):
+            cutoff = self._cutoff_ns + run.clock_offset_ns  # in the worker's clock
+            records = [record for record in records if record[0] <= cutoff]
+            if not records:
+                return
         run.counts.packets += len(records)
         if isinstance(run.target, Target) and self.merger.streams[run.index].started:
             self._learn_clock(run, records[-1][0])
@@ -519,11 +527,15 @@ class Session:
                 unclocked = [s for s in self.merger.streams if s.live and not s.timed]
                 behind = min((s.newest_ns for s in unclocked), default=None)
                 holding = [s.name for s in unclocked if s.newest_ns == behind]
-                waiting_for = (
-                    f"quiet targets without a clock ({', '.join(holding)})"
-                    if holding
-                    else "slower targets"
-                )
+                batch = [s.name for s in self.merger.streams if s.live and s.delay_ns]
+                if holding:
+                    waiting_for = f"quiet targets without a clock ({', '.join(holding)})"
+                elif batch:
+                    waiting_for = (
+                        f"batch targets, whose packets come up to 1 s late ({', '.join(batch)})"
+                    )
+                else:
+                    waiting_for = "slower targets"
                 self.reporter.warn(
                     f"more than {MAX_BUFFERED} packets held back for {waiting_for}: writing "
                     "the oldest; what those send later from before them will be written late"

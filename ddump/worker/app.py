@@ -28,6 +28,7 @@ from ddump.protocol import (
 from ddump.worker.capture import (
     ENDED_KEEP,
     ENDED_KEEP_S,
+    PIPE_SIZE,
     Capture,
     CaptureRefused,
     CaptureRegistry,
@@ -61,6 +62,7 @@ class WorkerState:
     stop_grace_ns: int = 2 * NS_PER_S
     abort_grace_ns: int = NS_PER_S // 2
     buffer_kib: int | None = None  # tcpdump -B
+    pipe_size: int = PIPE_SIZE  # tcpdump's stdout pipe
     unix_socket: bool = False  # clients have no address then
     version: dict[str, str] = field(default_factory=dict)  # cached `tcpdump --version`
     version_probe: asyncio.Future[dict[str, str]] | None = None
@@ -139,6 +141,8 @@ class CaptureHandler(TextErrorsHandler):
             drop_to=self.state.drop_to,
             stop_grace_ns=self.state.stop_grace_ns,
             abort_grace_ns=self.state.abort_grace_ns,
+            batch=params.batch,
+            pipe_size=self.state.pipe_size,
         )
         self.capture = capture
         number = captures.add(capture)

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from tornado.ioloop import IOLoop
@@ -26,6 +27,7 @@ from tornado.iostream import PipeIOStream, StreamClosedError
 
 from ddump.errors import DdumpError
 from ddump.pipes import PipeReader
+from ddump.protocol import BATCH_DELAY_NS
 from ddump.worker.params import NS_PER_S
 from ddump.worker.spawn import child_setup
 from ddump.worker.tcpdump import (
@@ -46,6 +48,12 @@ ENDED_KEEP_S = 600  # ...for this long
 # snapshot length, not bytes). A pipe holds packets densely: 1 MiB (the unprivileged maximum,
 # /proc/sys/fs/pipe-max-size) is ~10,000 small packets of slack at no cost when it is empty.
 PIPE_SIZE = 1024 * 1024
+DEFAULT_PIPE_SIZE = 64 * 1024
+PIPE_QUOTA_FILE = "/proc/sys/fs/pipe-user-pages-soft"
+DEFAULT_PIPE_QUOTA_PAGES = 16384  # Linux's default: 64 MiB of pipes per user
+# A stopping batch capture reads on for this long: the kernel hands over a block at the latest
+# one second after it began (tcpdump's timeout); the rest is for tcpdump to write it out.
+BATCH_HANDOVER_S = BATCH_DELAY_NS / NS_PER_S + 0.25
 _EXIT_POLL_S = 0.05  # only where pidfd_open is missing (Linux < 5.3)
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -85,8 +93,12 @@ class Capture:
         drop_to: pwd.struct_passwd | None = None,
         stop_grace_ns: int = 2 * NS_PER_S,
         abort_grace_ns: int = NS_PER_S // 2,
+        batch: bool = False,
+        pipe_size: int = PIPE_SIZE,
     ) -> None:
         self.argv = list(argv)
+        self.batch = batch  # tcpdump without --immediate-mode: see stop()
+        self.pipe_size = pipe_size
         self.drop_to = drop_to
         self.stop_grace_ns = stop_grace_ns
         self.abort_grace_ns = abort_grace_ns
@@ -108,6 +120,8 @@ class Capture:
         self._stderr_done = asyncio.Event()
         self._kill_timer: object | None = None
         self._kill_deadline = 0.0  # IOLoop time
+        self._handover_timer: object | None = None
+        self._pending_stop = ""
 
     @property
     def pid(self) -> int | None:
@@ -154,7 +168,7 @@ class Capture:
         # closes fds its PipeIOStreams still own, which later close someone else's socket.
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        _grow_pipe(out_write)
+        _grow_pipe(out_write, self.pipe_size)
         try:
             self._process = subprocess.Popen(
                 self.argv,
@@ -203,13 +217,39 @@ class Capture:
         """The next bytes tcpdump wrote, at most READ_SIZE; b"" once it is done."""
         if self._stdout is None:
             return b""
+        if self.counter.cut:
+            return b""
         data = await self._stdout.read(READ_SIZE)
-        self.counter.feed(data)
-        return data
+        if not data:
+            return data
+        passed = self.counter.feed(data)
+        if self.counter.cut:  # past the stop's time: this is the end
+            self._end_handover()
+            if not passed:
+                return b""
+        elif not passed:  # a record header held back until the next read can judge it
+            return await self.read()
+        return passed
 
     def stop(self, reason: str) -> None:
-        """Ask tcpdump to finish (what it already wrote can still be read); SIGKILL after grace."""
+        """Ask tcpdump to finish (what it already wrote can still be read); SIGKILL after grace.
+
+        A batch capture's kernel still holds up to a second of packets in its current block,
+        which it hands over when the block is full or a second after it began: so the stream
+        goes on that long, cut before the first packet captured after now, then tcpdump stops.
+        """
+        if self.batch and self.listening and self.running and self.counter.cutoff_ns is None:
+            self.counter.cutoff_ns = time.time_ns()
+            self._pending_stop = reason
+            self._handover_timer = IOLoop.current().call_later(BATCH_HANDOVER_S, self._end_handover)
+            return
         self._terminate(reason, self.stop_grace_ns)
+
+    def _end_handover(self) -> None:
+        if self._handover_timer is not None:
+            IOLoop.current().remove_timeout(self._handover_timer)
+            self._handover_timer = None
+        self._terminate(self._pending_stop, self.stop_grace_ns)
 
     def abort(self, reason: str) -> None:
         """Nobody will read any more: stop tcpdump and drop the pipe, so a blocked write fails."""
@@ -410,7 +450,25 @@ class CaptureRegistry:
         return True
 
 
-def _grow_pipe(fd: int) -> None:
-    """Best effort: over the per-user pipe quota the kernel refuses (EPERM); 64 KiB it is."""
+def _grow_pipe(fd: int, size: int) -> None:
+    """Best effort: past the per-user pipe quota the kernel refuses (EPERM)."""
     with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
+def pipe_size_for(max_captures: int, quota_pages: int | None = None) -> int:
+    """tcpdump's pipe size when up to `max_captures` run: at most PIPE_SIZE, and all of them
+    within half the per-user pipe quota (/proc/sys/fs/pipe-user-pages-soft; past it, every new
+    pipe of the user gets 8 KiB), so the stderr pipes and the worker's own still fit."""
+    if quota_pages is None:
+        try:
+            quota_pages = int(Path(PIPE_QUOTA_FILE).read_text())
+        except (OSError, ValueError):
+            quota_pages = DEFAULT_PIPE_QUOTA_PAGES
+    if quota_pages <= 0:  # no quota
+        return PIPE_SIZE
+    share = quota_pages * 4096 // 2 // max(1, max_captures)
+    size = DEFAULT_PIPE_SIZE
+    while size * 2 <= min(share, PIPE_SIZE):
+        size *= 2
+    return size

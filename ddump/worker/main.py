@@ -25,7 +25,7 @@ from ddump.errors import UsageError
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
 from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import WorkerState, make_app
-from ddump.worker.capture import CaptureRegistry, missing_tcpdump_message
+from ddump.worker.capture import CaptureRegistry, missing_tcpdump_message, pipe_size_for
 from ddump.worker.filter import (
     DEFAULT_BUFFER_KIB,
     MAX_FILTER_LEN,
@@ -273,6 +273,7 @@ async def serve(args: argparse.Namespace) -> int:
         captures=CaptureRegistry(args.max_captures),
         drop_to=unprivileged_user() if os.geteuid() == 0 else None,
         buffer_kib=args.buffer_size,
+        pipe_size=pipe_size_for(args.max_captures),
         unix_socket=unix_path is not None,
     )
     # Room for the longest filter we accept, fully percent-encoded: a longer request line would

@@ -118,38 +118,65 @@ def classify_start_failure(stderr_text: str, returncode: int | None) -> StartFai
     return StartFailure(400, f"tcpdump rejected the filter: {message}")
 
 
+_RECORD_LE = struct.Struct("<III")  # seconds, fraction, caplen
+_RECORD_BE = struct.Struct(">III")
+
+
 class RecordCounter:
     """Counts pcap records in a stream fed in arbitrary chunks, by skipping over their bodies.
 
     Only each record's caplen is read: the worker needs a count for its log, not the packets.
     One `unpack_from` per record and no copy (but of a header cut by the end of a read): this
-    runs for every packet the worker relays.
+    runs for every packet the worker relays. Once `cutoff_ns` is set, the stream is cut before
+    the first record captured after it (see Capture.stop), and `cut` tells it happened.
     """
 
     def __init__(self) -> None:
         self.records = 0
         self.bytes = 0
+        self.cutoff_ns: int | None = None
+        self.cut = False
         self._caplen: struct.Struct | None = None  # known once the global header is in
+        self._header: struct.Struct = _RECORD_LE
+        self._scale = 1  # to nanoseconds
         self._next = 0  # stream offset of the next header (global, then each record's)
         self._carry = b""  # that header's first bytes, when a read ended inside it
+        self._carry_passed = 0  # how many of them were passed on (all, but past a cutoff)
 
-    def feed(self, data: bytes) -> None:
-        """Account for the next bytes of the stream."""
+    def feed(self, data: bytes) -> bytes:
+        """Account for the next bytes of the stream; return those to pass on.
+
+        Without a cutoff that is `data` itself. With one, a record header cut by the end of
+        `data` is held back until it can be judged, and nothing is passed on after a cut.
+        """
+        if self.cut:
+            return b""
+        chunk = data
         first = self.bytes  # stream offset of data[0]
         self.bytes += len(data)
+        # The carried bytes went out already, unless a cutoff held them back: then they go
+        # out with this read, if their record is kept.
+        begin = self._carry_passed
         if self._carry:
             data = self._carry + data
             first = self._next
             self._carry = b""
+            self._carry_passed = 0
         pos = self._next - first
         if self._caplen is None:
             if len(data) - pos < 24:
                 self._carry = data[pos:]
-                return
+                self._carry_passed = len(self._carry)
+                return chunk
             # tcpdump writes in its host's byte order: a big-endian host's magic reads a1 b2 ...
             big = data[pos : pos + 2] == b"\xa1\xb2"
             self._caplen = struct.Struct(">I" if big else "<I")
+            self._header = _RECORD_BE if big else _RECORD_LE
+            nano = data[pos : pos + 4] in (b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1")
+            self._scale = 1 if nano else 1000
             pos += 24
+        if self.cutoff_ns is not None:
+            return self._feed_until_cutoff(data, pos, first, begin)
         unpack = self._caplen.unpack_from
         last = len(data) - 16
         records = 0
@@ -160,3 +187,25 @@ class RecordCounter:
         self._next = first + pos
         if pos < len(data):
             self._carry = data[pos:]
+            self._carry_passed = len(self._carry)
+        return chunk
+
+    def _feed_until_cutoff(self, data: bytes, pos: int, first: int, begin: int) -> bytes:
+        # Only while a stopping batch capture hands over its last blocks: timestamps too.
+        # data[:begin] went out already: a record begun there cannot be cut any more.
+        assert self.cutoff_ns is not None
+        unpack = self._header.unpack_from
+        last = len(data) - 16
+        while pos <= last:
+            sec, frac, caplen = unpack(data, pos)
+            if pos >= begin and sec * 1_000_000_000 + frac * self._scale > self.cutoff_ns:
+                self.cut = True
+                return data[begin:pos]
+            pos += 16 + caplen
+            self.records += 1
+        self._next = first + pos
+        if pos < len(data):  # a header cut short: judged with the next read
+            self._carry = data[pos:]
+            self._carry_passed = max(0, begin - pos)
+            return data[begin:pos]
+        return data[begin:]
