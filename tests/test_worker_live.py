@@ -386,9 +386,13 @@ def test_duration_ends_an_idle_capture_cleanly_on_time(fleet: Fleet, tcpdump: st
     assert 1 <= elapsed < 3
 
 
-def test_a_batch_captures_duration_keeps_its_last_second(fleet: Fleet, tcpdump: str) -> None:
+@pytest.mark.parametrize("then_sigterm", [False, True])
+def test_a_batch_captures_duration_keeps_its_last_second(
+    fleet: Fleet, tcpdump: str, then_sigterm: bool
+) -> None:
     # The kernel hands a batch capture's packets over a block at a time, up to a second after
-    # they came: a stop waits for them, then cuts the stream at the stop's time.
+    # they came: a stop waits for them, then cuts the stream at the stop's time. A second stop
+    # meanwhile (the worker told to stop) changes neither.
     h1, h2 = fleet.hosts
     with start_worker(h1, tcpdump) as worker:
         start = time.monotonic()
@@ -398,16 +402,23 @@ def test_a_batch_captures_duration_keeps_its_last_second(fleet: Fleet, tcpdump: 
             target=udp_traffic, args=(h2, h1), kwargs={"port": 5000, "count": 80, "rate": 20}
         )
         sender.start()
+        if then_sigterm:
+            time.sleep(2.8 - (time.monotonic() - start))  # while it hands over
+            worker.process.send_signal(signal.SIGTERM)
         client.wait_end()
         elapsed = time.monotonic() - start
         sender.join(10)
+        log = worker.log()
     seqs = [parse_seq(p.payload) for p in client.packets()]
     # 2.5 s at 20 packets/s, all of them, in order (the ring hands the last block over at
     # 2 s + 1 s, after the stop: without the wait, the packets of 2..2.5 s were lost).
+    assert client.clean_end and client.error is None
     assert seqs == list(range(len(seqs)))
     assert 45 <= len(seqs) <= 52, len(seqs)
     assert 2.5 <= elapsed < 5, elapsed
-    assert "batch" in worker.log() and "duration reached" in worker.log()
+    [end] = [line for line in log.splitlines() if "capture 1 end:" in line]
+    assert "reason=duration reached" in end, end
+    assert f"bytes={client.parser.bytes_in} packets={len(seqs)} " in end, end
 
 
 def test_unix_socket_serves_captures(fleet: Fleet, tcpdump: str) -> None:

@@ -65,7 +65,8 @@ class _Run:
     parser: PcapStreamParser = field(default_factory=PcapStreamParser)
     stream: CaptureStream | FileStream | None = None
     linktype: int | None = None
-    clock_offset_ns: int = 0
+    clock_offset_ns: int = 0  # worker clock minus ours: at least this...
+    clock_offset_high_ns: int = 0  # ...and at most this (a round trip above the headers' low)
     opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
     opened: Opened | None = None
     staged: list[tuple[int, list[Record]]] = field(default_factory=list)  # (link type, records)
@@ -241,7 +242,7 @@ class Session:
 
         A batch capture's kernel hands over its current block at the latest 1 s after it
         began: waiting that long (and --max-delay for the way here) loses nothing captured
-        before the stop. Packets of the other targets captured meanwhile are kept too.
+        before the stop. Nothing captured after it is written, from any worker target.
         """
         if self.stopping or self._stop_timer is not None:
             return
@@ -349,6 +350,9 @@ class Session:
         run.counts.error = ""
         offset = opened.clock_offset_ns
         run.clock_offset_ns = offset or 0
+        run.clock_offset_high_ns = run.clock_offset_ns + (
+            opened.clock_spread_ns if offset is not None else 0
+        )
         run.opened = opened
         run.opened_at = asyncio.get_running_loop().time()
         if opened.capture_id is not None:
@@ -405,7 +409,9 @@ class Session:
         if not records or self.stopping or run.refused:
             return
         if self._cutoff_ns is not None and isinstance(run.target, Target):
-            cutoff = self._cutoff_ns + run.clock_offset_ns  # in the worker's clock
+            # In the worker's clock, by the offset's upper bound: nothing captured before the
+            # stop is lost (a batch stream's clock is never learnt closer: its packets are late).
+            cutoff = self._cutoff_ns + max(run.clock_offset_ns, run.clock_offset_high_ns)
             records = [record for record in records if record[0] <= cutoff]
             if not records:
                 return

@@ -267,7 +267,7 @@ class CaptureHandler(TextErrorsHandler):
             self.client(),
             _show_filter(params.filter),
             seconds_text(elapsed_ns),
-            capture.counter.bytes,
+            capture.relayed,
             capture.counter.records,
             count(stats.captured),
             count(stats.received),

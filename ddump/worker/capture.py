@@ -103,6 +103,7 @@ class Capture:
         self.stop_grace_ns = stop_grace_ns
         self.abort_grace_ns = abort_grace_ns
         self.counter = RecordCounter()
+        self.relayed = 0  # bytes of tcpdump's output passed on (all, but for a stop's cut)
         # Names this capture in GET /capture/stats?id=...: unguessable, so a client can only
         # ask about its own captures.
         self.token = secrets.token_urlsafe(12)
@@ -223,6 +224,7 @@ class Capture:
         if not data:
             return data
         passed = self.counter.feed(data)
+        self.relayed += len(passed)
         if self.counter.cut:  # past the stop's time: this is the end
             self._end_handover()
             if not passed:
@@ -238,6 +240,8 @@ class Capture:
         which it hands over when the block is full or a second after it began: so the stream
         goes on that long, cut before the first packet captured after now, then tcpdump stops.
         """
+        if self._handover_timer is not None:
+            return  # already handing over: that stop's time and reason stand
         if self.batch and self.listening and self.running and self.counter.cutoff_ns is None:
             self.counter.cutoff_ns = time.time_ns()
             self._pending_stop = reason
