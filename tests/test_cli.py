@@ -125,6 +125,20 @@ def test_failed_target_is_named_and_the_others_are_kept(tmp_path: Path) -> None:
     assert "HTTP 400" in result.stderr and "syntax error in filter expression" in result.stderr
 
 
+def test_a_worker_older_than_batch_captures_gets_a_hint(tmp_path: Path) -> None:
+    old = Script(
+        status=400,
+        body=[b"unknown parameter 'batch'; accepted: filter (BPF expression), snaplen (1..262144)"],
+    )
+    with fake_workers({"/capture": old}) as (w,):
+        result = ddump("--batch", w.url(), tmp_path=tmp_path)
+
+    assert result.status == 1
+    assert "this worker is older than batch captures: upgrade it, or leave out --batch" in (
+        result.stderr
+    )
+
+
 def test_connection_refused_is_reported_and_output_is_a_valid_pcap(tmp_path: Path) -> None:
     with FakeWorker({}) as w:
         port = w.port

@@ -30,6 +30,7 @@ from ddump.cli.chunked import ChunkedDecoder, ChunkedError
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import (
+    BATCH_PARAM,
     CAPTURE_HEADER,
     CLOCK_HEADER,
     INTERFACES_HEADER,
@@ -320,6 +321,8 @@ def _hint(code: int, text: str, html: bool) -> str:
         return "the proxy wants a client certificate it trusts: give --cert and --key"
     if "plain HTTP request was sent to HTTPS port" in text:
         return "the target speaks https: use https://"
+    if code == 400 and f"unknown parameter '{BATCH_PARAM}'" in text:
+        return "this worker is older than batch captures: upgrade it, or leave out --batch"
     if code == 400:
         return "the server refused the request" if html else "the worker refused the request"
     return {
