@@ -192,6 +192,16 @@ def test_https_through_nginx_with_the_ca_option_streams_packets(proxy: Proxy, ho
     result.assert_no_secret()
 
 
+def test_a_batch_capture_streams_through_nginx(proxy: Proxy) -> None:
+    # The kernel hands a batch capture's packets over in blocks: they come through the proxy
+    # as a burst, up to a second late, and nothing is held back in its buffers.
+    result = ddump("-c", "3", "--batch", "--ca", str(proxy.pki.ca), proxy.url(proxy.tls))
+
+    result.assert_captured(3)
+    starts = [line for line in proxy.worker.log().splitlines() if " start:" in line]
+    assert " batch pid=" in starts[-1], starts[-1]
+
+
 def test_https_trusts_ssl_cert_file_when_no_ca_is_given(proxy: Proxy) -> None:
     result = ddump("-c", "3", proxy.url(proxy.tls), env={"SSL_CERT_FILE": str(proxy.pki.ca)})
 
