@@ -1,5 +1,7 @@
-"""How long a worker takes to start N captures at once: time from N concurrent requests to each
-response's headers (tcpdump listening). Loopback only; bounded; stops what it started.
+"""How long a worker takes to start N captures at once (time to each response's headers).
+
+N concurrent requests, timed until each response's headers (tcpdump listening). Loopback only;
+bounded; stops what it started.
 
     sudo .venv/bin/python bench/capture_starts.py --captures 1,4,16,64
     sudo .venv/bin/python bench/capture_starts.py --captures 16 --worker-args "--buffer-size 2048"

@@ -40,8 +40,8 @@ exit status:
      closed output)
   1  at least one target failed (the others were still merged), or the output failed
   2  bad usage: options, URLs, inventory or TLS files; nothing was started
-  130  a second Ctrl-C ended ddump at once (with batch targets: a third, the second
-       ends the wait for their last blocks)
+  130  a Ctrl-C after the stop had begun ended ddump at once (with batch targets: after
+       the wait for their last blocks; a Ctrl-C during that wait ends it cleanly)
 """
 
 
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_snaplen,
         metavar="SNAPLEN",
         help="keep at most SNAPLEN bytes of each packet, for worker targets that do not give "
-        f"?snaplen= (1..{DEFAULT_SNAPLEN}; default: whole packets). On busy hosts a small "
+        f"?snaplen= (1..{DEFAULT_SNAPLEN}; default: whole packets, up to 262,000 bytes). On busy "
+        "hosts a small "
         "one (e.g. -s 200 for headers) also lets many more packets fit tcpdump's buffer, so "
         "fewer are dropped",
     )

@@ -21,8 +21,8 @@ MAX_FILTER_LEN = 64 * 1024
 # the default 2 MiB holds only 8 packets of 262144 bytes (measured: a burst of 5000 while tcpdump
 # is stopped keeps 8; -B 32768 keeps 128, and 1310 with -s 1500). A worker's default is larger.
 DEFAULT_BUFFER_KIB = 32 * 1024
-# Each slot is the snapshot length plus libpcap's headers (96 bytes with libpcap 1.10.3),
-# in a block of the next power of two: tcpdump's default 262144 makes 262240-byte slots in
+# Each slot is the snapshot length plus libpcap's headers (82 bytes with libpcap 1.10.3), rounded
+# up to 16, in a block of the next power of two: tcpdump's default 262144 makes 262240-byte slots in
 # 512 KiB blocks, so -B 32768 pinned 64 MiB for 128 slots. A snapshot length that leaves room
 # for the headers fits 256 KiB blocks: the same 128 slots in 32 MiB (traced: -s 262056 still
 # fits, 262064 does not), and only packets of 262001..262144 bytes (BIG TCP) lose their tail.

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BUFFER_KIB,
         help="kernel capture buffer of each capture, in KiB (tcpdump -B; default "
         f"{DEFAULT_BUFFER_KIB}). In immediate mode (the default) every packet takes a slot of "
-        "the snapshot length, so at the default snaplen (262000) this holds 128 packets: "
+        "the snapshot length, so at the default snaplen (262000) this holds about 128 packets: "
         "the burst a capture absorbs while "
         "tcpdump or its client is slow before the kernel drops. Clients asking for a small "
         "snaplen get more slots; a ?batch=1 capture packs packets densely. Up to "
