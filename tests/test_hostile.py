@@ -7,10 +7,12 @@ on the CLI's side every good record kept.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -390,6 +392,51 @@ def test_slowloris_half_requests_do_not_block_the_worker(worker: Worker) -> None
             sock.close()
 
     assert_nothing_left(worker)
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_a_connection_flood_cannot_use_up_the_workers_descriptors() -> None:
+    # With 128 descriptors and 4 captures the worker keeps at most 128 - 64 - 4 * 6 = 40
+    # connections: more are closed at once. Without a bound the 200 below would make accept()
+    # fail with EMFILE on every turn of the event loop (a busy spin) and nothing could start.
+    require_root()
+    require_tool("tcpdump")
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    argv = worker_argv("--listen", "127.0.0.1:0", "--max-captures", "4")
+    with WorkerProcess(argv, preexec_fn=few_descriptors) as process:
+        host, port = process.wait_listening().rsplit(":", 1)
+        assert "at most 4 captures, 40 connections" in process.log()
+        flood = []
+        try:
+            for _ in range(200):
+                flood.append(socket.create_connection((host, int(port)), timeout=5))
+            time.sleep(0.5)
+            before = cpu_ticks(process.process.pid)
+            time.sleep(1.0)
+            spent = cpu_ticks(process.process.pid) - before
+            closed = 0
+            for sock in flood:
+                sock.settimeout(0.01)
+                with contextlib.suppress(TimeoutError):
+                    closed += sock.recv(1) == b""
+            process.wait_log("the --max-connections limit: closing new ones")
+        finally:
+            for sock in flood:
+                sock.close()
+        assert closed == 160, closed  # all but the 40 kept
+        assert spent < 30, spent  # not spinning (ticks of 10 ms in one second)
+        time.sleep(0.5)
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
 
 
 # ---- who the worker runs as ----

@@ -17,7 +17,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets, bind_unix_socket
 
 import ddump
@@ -34,6 +33,7 @@ from ddump.worker.filter import (
     self_exclusion,
 )
 from ddump.worker.params import NS_PER_S
+from ddump.worker.server import BoundedHTTPServer, default_max_connections
 from ddump.worker.spawn import unprivileged_user
 from ddump.worker.tcpdump import error_lines
 
@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CAPTURES,
         help=f"captures running at once; more get 503 with Retry-After "
         f"(default {DEFAULT_MAX_CAPTURES})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive_int,
+        help="open connections at most (idle ones included); more are closed at once, so a "
+        "flood of connections cannot use up the worker's file descriptors (default: 1000, "
+        "or fewer if the descriptor limit, ulimit -n, leaves less room)",
     )
     parser.add_argument(
         "--buffer-size",
@@ -279,20 +287,23 @@ async def serve(args: argparse.Namespace) -> int:
     # Room for the longest filter we accept, fully percent-encoded: a longer request line would
     # be cut by Tornado with a reset instead of our 400 that names the limit.
     # No endpoint takes a body: a request that sends one is refused, not buffered.
-    server = HTTPServer(
+    max_connections = args.max_connections or default_max_connections(args.max_captures)
+    server = BoundedHTTPServer(
         make_app(state),
         max_header_size=3 * MAX_FILTER_LEN + 8192,
         idle_connection_timeout=60,
         max_body_size=MAX_BODY,
         body_timeout=BODY_TIMEOUT_S,
     )
+    server.max_connections = max_connections
     server.add_sockets(sockets)
     log.info(
-        "listening on %s (pid %d); never capturing: %s; at most %d captures",
+        "listening on %s (pid %d); never capturing: %s; at most %d captures, %d connections",
         where,
         os.getpid(),
         " and ".join(f"({e})" for e in state.exclusions) or "-",
         args.max_captures,
+        max_connections,
     )
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
