@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -398,8 +399,9 @@ def test_a_batch_captures_duration_keeps_its_last_second(
         start = time.monotonic()
         client = capture(worker, "filter=udp+port+5000&batch=1&duration=2.5")
         assert client.response.status == 200
+        clock = int(client.response.getheader("X-Ddump-Clock") or 0)  # the duration starts
         sender = threading.Thread(
-            target=udp_traffic, args=(h2, h1), kwargs={"port": 5000, "count": 80, "rate": 20}
+            target=udp_traffic, args=(h2, h1), kwargs={"port": 5000, "count": 200, "rate": 50}
         )
         sender.start()
         if then_sigterm:
@@ -410,11 +412,17 @@ def test_a_batch_captures_duration_keeps_its_last_second(
         sender.join(10)
         log = worker.log()
     seqs = [parse_seq(p.payload) for p in client.packets()]
-    # 2.5 s at 20 packets/s, all of them, in order (the ring hands the last block over at
-    # 2 s + 1 s, after the stop: without the wait, the packets of 2..2.5 s were lost).
+    stamps = [
+        sec * 10**9 + nsec for sec, nsec in (struct.unpack_from("<II", r) for r in client.records)
+    ]
+    # Every packet up to the stop, 2.5 s after the capture began, in order, and none after it
+    # (the ring hands the block of 2..3 s over at 3 s, after the stop: without the wait, the
+    # packets of 2..2.5 s were lost). A packet comes every 20 ms.
     assert client.clean_end and client.error is None
     assert seqs == list(range(len(seqs)))
-    assert 45 <= len(seqs) <= 52, len(seqs)
+    assert clock and stamps, (clock, len(stamps))
+    assert (stamps[-1] - clock) / 1e9 >= 2.5 - 0.15, (stamps[-1] - clock) / 1e9
+    assert (stamps[-1] - clock) / 1e9 <= 2.5 + 0.15, (stamps[-1] - clock) / 1e9
     assert 2.5 <= elapsed < 5, elapsed
     [end] = [line for line in log.splitlines() if "capture 1 end:" in line]
     assert "reason=duration reached" in end, end
