@@ -13,43 +13,28 @@ import argparse
 import http.client
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORKER = str(REPO / ".venv/bin/ddump-worker")
+sys.path.insert(0, str(REPO))
+
+# The repository root must be on the path first.
+from tests.netns import WorkerProcess, worker_argv  # noqa: E402
+
 HOLD_S = 1.0  # each capture stays open this long after its headers, so all overlap
 TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    sys.exit("the worker did not start listening")
-
-
-def start_captures(port: int, count: int) -> list[float]:
+def start_captures(host: str, port: int, count: int) -> list[float]:
     """Seconds from the start to each response's headers (inf: no answer)."""
     results = [float("inf")] * count
     start = time.monotonic()
 
     def one(index: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+        connection = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
         try:
             connection.request("GET", "/capture?filter=udp%20port%205000")
             response = connection.getresponse()
@@ -79,22 +64,13 @@ def main() -> None:
     print("| concurrent captures | worker options | first / median / last response s |")
     print("|---:|---|---:|")
     for count in (int(n) for n in args.captures.split(",")):
-        port = free_port()
-        worker = subprocess.Popen(
-            [WORKER, "--listen", f"127.0.0.1:{port}", "--max-captures", str(count),
-             *args.worker_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_listening(port, time.monotonic() + 10)
-            times = start_captures(port, count)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        argv = worker_argv(
+            "--listen", "127.0.0.1:0", "--max-captures", str(count), *args.worker_args
+        )
+        with WorkerProcess(argv) as worker:
+            host, port = worker.wait_listening().rsplit(":", 1)
+            times = start_captures(host, int(port), count)
+            worker.stop()
         options = " ".join(args.worker_args) or "defaults"
         print(
             f"| {count} | {options} | {times[0]:.2f} / {times[len(times) // 2]:.2f} / "

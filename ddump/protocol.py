@@ -19,3 +19,8 @@ STATS_PATH: Final = "/stats"  # appended to the capture path
 # come this much later than it would otherwise, which the CLI's merge waits for.
 BATCH_PARAM: Final = "batch"
 BATCH_DELAY_NS: Final = 1_000_000_000
+
+
+def flag_value(text: str) -> bool | None:
+    """A query flag's value as both sides read it: 0/1/false/true (any case); None if neither."""
+    return {"0": False, "false": False, "1": True, "true": True}.get(text.strip().lower())

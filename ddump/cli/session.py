@@ -29,7 +29,7 @@ from ddump.pcap import (
     output_linktype,
 )
 from ddump.pcapng import CaptureCounts
-from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM
+from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM, flag_value
 from ddump.targets import Target, redact
 
 if TYPE_CHECKING:
@@ -623,8 +623,7 @@ def _delivery_delay_ns(target: Target | FileSource) -> int:
     if not isinstance(target, Target):
         return 0
     query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
-    batch = query.get(BATCH_PARAM, ["0"])[-1].strip().lower() in ("1", "true")
-    return BATCH_DELAY_NS if batch else 0
+    return BATCH_DELAY_NS if flag_value(query.get(BATCH_PARAM, ["0"])[-1]) else 0
 
 
 def _count(answer: dict[str, object], key: str) -> int | None:

@@ -216,9 +216,7 @@ class Capture:
 
     async def read(self) -> bytes:
         """The next bytes tcpdump wrote, at most READ_SIZE; b"" once it is done."""
-        if self._stdout is None:
-            return b""
-        if self.counter.cut:
+        if self._stdout is None or self.counter.cut:
             return b""
         data = await self._stdout.read(READ_SIZE)
         if not data:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from ddump.protocol import BATCH_PARAM
+from ddump.protocol import BATCH_PARAM, flag_value
 from ddump.worker.filter import FilterError, check_filter
 
 MAX_SNAPLEN = 262144
@@ -22,7 +22,6 @@ ACCEPTED = (
     f"{BATCH_PARAM} (0 or 1)",
 )
 _NAMES = ("filter", "snaplen", "count", "duration", BATCH_PARAM)
-_FLAGS = {"0": False, "false": False, "1": True, "true": True}
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,11 @@ def parse_query(arguments: Mapping[str, Sequence[bytes]]) -> CaptureParams:
 
 
 def _flag(values: Mapping[str, str], name: str) -> bool:
-    text = values.get(name, "0").strip().lower()
-    if text not in _FLAGS:
-        raise FilterError(f"{name} must be 0 or 1, got {text!r}")
-    return _FLAGS[text]
+    text = values.get(name, "0")
+    value = flag_value(text)
+    if value is None:
+        raise FilterError(f"{name} must be 0 or 1, got {text.strip().lower()!r}")
+    return value
 
 
 def _integer(values: Mapping[str, str], name: str, low: int, high: int) -> int | None:
