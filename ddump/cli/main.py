@@ -21,7 +21,6 @@ from ddump.cli.report import Reporter
 from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
-from ddump.pcapng import PcapngWriter
 from ddump.protocol import BATCH_PARAM
 from ddump.targets import Target, parse_target, redact, unique_names
 
@@ -120,6 +119,8 @@ def run(options: Options, reporter: Reporter) -> ExitStatus:
     check_tls(targets, contexts)
     output = PcapOutput.open(options.write)
     if options.format == "pcapng":
+        from ddump.pcapng import PcapngWriter  # only for --format pcapng
+
         output.pcapng = PcapngWriter()
         output.section_comment = "ddump capture of " + ", ".join(t.name for t in targets)
     settings = SessionSettings(

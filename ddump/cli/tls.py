@@ -7,8 +7,6 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import certifi
-
 from ddump.errors import UsageError
 
 
@@ -46,6 +44,10 @@ def make_context(files: TlsFiles, environ: Mapping[str, str] = os.environ) -> ss
     elif _system_store_present():
         context.load_default_certs()
     else:
+        # Here, not at the top: certifi loads importlib.resources and tempfile (~5 ms), which
+        # merging capture files, or any host with a system store, never needs.
+        import certifi
+
         context.load_verify_locations(cafile=certifi.where())
     if files.cert is not None and files.key is not None:
         _load_client_pair(context, files.cert, files.key)
