@@ -12,7 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ddump import records as batches
 from ddump.errors import PcapFormatError
+from ddump.records import RECORD_HEADER_LEN as RECORD_HEADER_LEN
+from ddump.records import Record as Record
+from ddump.records import Records
 
 MAGIC_MICRO: Final = 0xA1B2C3D4
 MAGIC_NANO: Final = 0xA1B23C4D
@@ -20,11 +24,7 @@ LINKTYPE_ETHERNET: Final = 1
 LINKTYPE_LINUX_SLL: Final = 113
 LINKTYPE_LINUX_SLL2: Final = 276
 GLOBAL_HEADER_LEN: Final = 24
-RECORD_HEADER_LEN: Final = 16
 DEFAULT_SNAPLEN: Final = 262144
-
-Record = tuple[int, bytes]
-"""(timestamp in ns since the epoch, LE-nano record header + packet data)."""
 
 _PCAPNG_MAGIC: Final = 0x0A0D0D0A  # Section Header Block type; a palindrome, same in both orders
 _MODIFIED_MAGIC: Final = 0xA1B2CD34  # Kuznetzov's patched libpcap: longer record headers
@@ -43,7 +43,6 @@ _GLOBAL_LE: Final = struct.Struct("<IHHiIII")
 _GLOBAL_BE: Final = struct.Struct(">IHHiIII")
 _REC_LE: Final = struct.Struct("<IIII")
 _REC_BE: Final = struct.Struct(">IIII")
-_REC_LE_TS_CAPLEN: Final = struct.Struct("<III")
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ class PcapStreamParser:
         self._rec: struct.Struct = _REC_LE
         self._scale = 1
 
-    def feed(self, data: bytes) -> list[Record]:
+    def feed(self, data: bytes) -> Records:
         """Parse what `data` completes; keep any partial tail for the next call."""
         size = len(data)
         if not size:
@@ -150,7 +149,7 @@ class PcapStreamParser:
             if self.header is None:
                 _check_magic(b"".join(self._chunks))
             return []
-        out: list[Record] = []
+        out: list[Records] = []
         pos = 0
         # The header or record that straddles two chunks is completed from just the bytes it
         # lacks (twice at most: its record header tells how long the rest is); the rest of the
@@ -161,7 +160,7 @@ class PcapStreamParser:
             if take > size - pos:
                 self._chunks.append(data[pos:])
                 self._pending += size - pos
-                return out
+                return batches.concat(out)
             self._chunks.append(data[pos : pos + take])
             head = b"".join(self._chunks)
             pos += take
@@ -170,37 +169,39 @@ class PcapStreamParser:
             if self.header is None:
                 self._start(PcapHeader.parse(head))
                 continue
-            try:
-                done, used = self._parse(head, 0)
-            except PcapFormatError as exc:
-                exc.records[:0] = out
-                raise
-            out += done
-            self.records += len(done)
+            done, used = self._parse(head, 0, out)
+            out.append(done)
             if used < len(head):  # only the record header was complete: now the rest
                 self._chunks = [head]
                 self._pending = len(head)
         if self.header is None:
             self._start(PcapHeader.parse(data))
             pos = GLOBAL_HEADER_LEN
-        try:
-            done, pos = self._parse(data, pos)
-        except PcapFormatError as exc:
-            exc.records[:0] = out
-            raise
-        self.records += len(done)
+        done, pos = self._parse(data, pos, out)
         if pos < size:
             self._chunks = [data[pos:]]
             self._pending = size - pos
         if out:
-            out += done
-            return out
+            out.append(done)
+            return batches.concat(out)
         return done
 
-    def _parse(self, buf: bytes, pos: int) -> tuple[list[Record], int]:
+    def _parse(self, buf: bytes, pos: int, before: list[Records]) -> tuple[Records, int]:
+        """Parse the whole records of buf from pos; `before`: what this feed parsed already."""
         if self._fast:
-            return self._parse_le_nano(buf, pos)
-        return self._parse_converting(buf, pos)
+            done, pos, self._need, bad = batches.scan(buf, pos, self._limit)
+        else:
+            converted, pos, bad = self._parse_converting(buf, pos)
+            done = batches.pack(converted)
+        self.records += len(done)
+        if bad:
+            raise PcapFormatError(
+                f"record {self.records + 1}: caplen {bad} is larger than "
+                f"{self._limit} (the stream's snaplen or {DEFAULT_SNAPLEN}, whichever is "
+                "larger): the stream is corrupt or not pcap",
+                records=list(batches.concat([*before, done])),
+            )
+        return done, pos
 
     def close(self) -> None:
         """Raise PcapFormatError if the stream ended inside the global header or a record."""
@@ -228,38 +229,9 @@ class PcapStreamParser:
         self._scale = 1 if header.nano else 1000
         self._need = RECORD_HEADER_LEN
 
-    def _parse_le_nano(self, buf: bytes, pos: int) -> tuple[list[Record], int]:
-        # The hot loop: every bytecode here runs once per packet. Measured on 1M packets in
-        # 1 MiB chunks: caching sec * 10**9 while the second does not change is worth ~9%;
-        # finding a record cut by the end of the chunk once, after the loop, instead of testing
-        # every record saves one more test per packet. The input header is already in output
-        # encoding, so each record is one slice of the buffer.
-        out: list[Record] = []
-        append = out.append
-        unpack = _REC_LE_TS_CAPLEN.unpack_from
-        limit = self._limit
-        end = len(buf)
-        last = end - 16
-        last_sec = -1
-        base = caplen = 0
-        while pos <= last:
-            sec, nsec, caplen = unpack(buf, pos)
-            if caplen > limit:
-                self._bad_caplen(caplen, out)
-            if sec != last_sec:
-                last_sec = sec
-                base = sec * 1_000_000_000
-            nxt = pos + 16 + caplen
-            append((base + nsec, buf[pos:nxt]))
-            pos = nxt
-        if pos > end:  # the last record is cut short: keep it for the next chunk
-            out.pop()
-            self._need = 16 + caplen
-            return out, pos - 16 - caplen
-        self._need = 16
-        return out, pos
-
-    def _parse_converting(self, buf: bytes, pos: int) -> tuple[list[Record], int]:
+    def _parse_converting(self, buf: bytes, pos: int) -> tuple[list[Record], int, int]:
+        # Big-endian or microsecond input: each record header is rewritten in the output
+        # encoding. Returns (records, pos, the caplen over the limit or 0).
         out: list[Record] = []
         append = out.append
         unpack = self._rec.unpack_from
@@ -272,13 +244,14 @@ class PcapStreamParser:
         base = 0
         while pos <= last:
             sec, frac, caplen, origlen = unpack(buf, pos)
+            if caplen > limit:
+                self._need = 16
+                return out, pos, caplen
             start = pos + 16
             nxt = start + caplen
-            if nxt > end or caplen > limit:
-                if caplen > limit:
-                    self._bad_caplen(caplen, out)
+            if nxt > end:
                 self._need = nxt - pos
-                return out, pos
+                return out, pos, 0
             nsec = frac * scale
             if nsec >= 1_000_000_000:
                 # A sloppy writer's micro field >= 10**6: carry into seconds so the output
@@ -291,21 +264,12 @@ class PcapStreamParser:
             append((base + nsec, pack(sec & 0xFFFFFFFF, nsec, caplen, origlen) + buf[start:nxt]))
             pos = nxt
         self._need = 16
-        return out, pos
-
-    def _bad_caplen(self, caplen: int, good: list[Record]) -> None:
-        self.records += len(good)
-        raise PcapFormatError(
-            f"record {self.records + 1}: caplen {caplen} is larger than "
-            f"{self._limit} (the stream's snaplen or {DEFAULT_SNAPLEN}, whichever is larger): "
-            "the stream is corrupt or not pcap",
-            records=good,
-        )
+        return out, pos, 0
 
 
-def encode_records(records: list[Record]) -> bytes:
+def encode_records(records: Records) -> bytes:
     """The records' bytes, back to back (prefix a PcapHeader for a file)."""
-    return b"".join([rec for _, rec in records])
+    return batches.join(records)
 
 
 # Both cooked headers are big-endian on the wire (https://www.tcpdump.org/linktypes/).
@@ -346,7 +310,7 @@ def can_convert(src_linktype: int, dst_linktype: int) -> bool:
     return src_linktype == dst_linktype or (src_linktype, dst_linktype) in _CONVERSIONS
 
 
-def convert_records(records: list[Record], src_linktype: int, dst_linktype: int) -> list[Record]:
+def convert_records(records: Records, src_linktype: int, dst_linktype: int) -> Records:
     """Rewrite each record's link header; SLL2 -> SLL drops the interface index.
 
     A link header cut short by the snapshot length is read as zero-padded, converted, and cut
@@ -360,7 +324,7 @@ def convert_records(records: list[Record], src_linktype: int, dst_linktype: int)
             f"to {linktype_name(dst_linktype)}"
         )
     src_len, convert = _CONVERSIONS[(src_linktype, dst_linktype)]
-    return [_convert_one(rec, src_len, convert) for rec in records]
+    return batches.pack([_convert_one(rec, src_len, convert) for rec in records])
 
 
 def _convert_one(rec: Record, src_len: int, convert: _Converter) -> Record:

@@ -19,7 +19,7 @@ need queue up until `take_blocks()`, which the output writes before its next bat
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote
@@ -137,6 +137,8 @@ class CaptureCounts:
 
 @dataclass
 class _Target:
+    """One target's stream as its IDBs need it, and the interface ids given so far."""
+
     index: int
     name: str
     description: str
@@ -201,7 +203,7 @@ class PcapngWriter:
             start_ns,
         )
 
-    def encode(self, target: int, records: list[Record]) -> list[Record]:
+    def encode(self, target: int, records: Sequence[Record]) -> list[Record]:
         """The records as (timestamp, EPB bytes); queues the IDBs of interfaces new to them."""
         state = self._targets[target]
         if state.linktype == LINKTYPE_LINUX_SLL2:
@@ -219,7 +221,7 @@ class PcapngWriter:
             append((ts, pack(BLOCK_EPB, total, interface, ts >> 32, ts & _LOW32, rec[8:], total)))
         return out
 
-    def _encode_sll2(self, state: _Target, records: list[Record]) -> list[Record]:
+    def _encode_sll2(self, state: _Target, records: Sequence[Record]) -> list[Record]:
         # The hot loop, as in pcap.py: one dict lookup for the interface (keyed by the raw
         # ifindex bytes: no unpacking) and one precompiled Struct per record size that packs
         # the whole EPB at once, measured ~10% faster than joining header, data and trailer.
@@ -284,7 +286,7 @@ class PcapngWriter:
         blocks, self._queued = b"".join(self._queued), []
         return blocks
 
-    def discard(self, records: list[Record]) -> None:
+    def discard(self, records: Sequence[Record]) -> None:
         """Encoded records that will not be written (cut by -c): not counted in statistics."""
         for _, epb in records:
             self.packets[_U32.unpack_from(epb, 8)[0]] -= 1

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Build dist/ddump_<version>_all.deb from this repository.
+# Build dist/ddump_<version>_<arch>.deb from this repository (arch: amd64 here; the merge
+# engine has a part in C).
 # The build runs in a temporary copy with packaging/debian/ put at debian/, so the work tree gets
 # nothing but the .deb. Missing build dependencies are installed with apt-get (needs root).
 # Usage: packaging/build-deb.sh [OUTDIR]        (default OUTDIR: <repository>/dist)
@@ -66,7 +67,7 @@ if ! (cd "$src" && timeout 900 dpkg-buildpackage -b --no-sign) >"$work/build.log
     die "dpkg-buildpackage failed (last 80 lines above)"
 fi
 
-deb=ddump_${version}_all.deb
+deb=ddump_${version}_$(dpkg --print-architecture).deb
 [ -f "$work/$deb" ] || die "dpkg-buildpackage made no $deb"
 mkdir -p "$outdir"
 cp "$work/$deb" "$outdir/$deb"

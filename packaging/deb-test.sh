@@ -2,7 +2,7 @@
 # Build the .deb, install it with apt-get, smoke-test the installed worker the way its unit runs
 # it, capture real traffic through it with curl and with the installed ddump CLI, then purge the
 # package and check that nothing is left. Needs root; loopback only.
-# Usage: packaging/deb-test.sh [PATH.deb]       (default: build dist/ddump_<version>_all.deb)
+# Usage: packaging/deb-test.sh [PATH.deb]       (default: build dist/ddump_<version>_<arch>.deb)
 #
 # No systemd runs as PID 1 here, so the unit is reproduced by hand: its ExecStart line and the
 # installed /etc/default/ddump-worker, as user nobody with CAP_NET_RAW as the only (ambient)
@@ -102,6 +102,8 @@ head -n 1 /usr/bin/ddump-worker | grep -qx '#! */usr/bin/python3' \
 timeout 60 systemd-analyze verify "$UNIT" || die "systemd-analyze verify $UNIT"
 timeout 60 systemd-analyze security --offline=yes "$UNIT" | tail -n 1 >&2
 env -i PATH="$PATH" /usr/bin/ddump-worker --help >/dev/null || die "ddump-worker --help"
+env -i PATH="$PATH" /usr/bin/python3 -c 'import ddump.records as r; assert r.ENGINE == "c", r.ENGINE' \
+    || die "the installed ddump lacks its C merge engine (ddump/_records.c)"
 
 # --- run the worker as the unit would ------------------------------------------------------------
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

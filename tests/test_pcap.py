@@ -522,7 +522,7 @@ def test_good_records_before_a_bad_caplen_travel_with_the_error(
     with pytest.raises(PcapFormatError) as caught:
         parser.feed(stream[split:] if split else stream)
 
-    assert [data[16:] for _, data in kept + caught.value.records] == [b"one", b"two"]
+    assert [data[16:] for _, data in [*kept, *caught.value.records]] == [b"one", b"two"]
     assert parser.records == 2
 
 

@@ -19,8 +19,9 @@ from typing import NoReturn
 
 from ddump import __version__
 from ddump.errors import DdumpError
-from ddump.pcap import DEFAULT_SNAPLEN, LINKTYPE_LINUX_SLL2, PcapHeader, Record, encode_records
+from ddump.pcap import DEFAULT_SNAPLEN, LINKTYPE_LINUX_SLL2, PcapHeader, encode_records
 from ddump.pcapng import CaptureCounts, PcapngWriter, section_header
+from ddump.records import Records
 
 HIGH_WATER = 4 * 1024 * 1024
 
@@ -68,7 +69,7 @@ class PcapOutput:
             raise DdumpError(f"cannot write {path}: {exc.strerror}") from None
         return cls(fd, close_fd=True)
 
-    def write(self, records: list[Record]) -> None:
+    def write(self, records: Records) -> None:
         """Queue whole records (with the global header before the first)."""
         if not records:
             return

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from ddump import records as batches
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
 from ddump.cli.report import Reporter, TargetCounts
@@ -22,7 +23,6 @@ from ddump.pcap import (
     LINKTYPE_LINUX_SLL,
     LINKTYPE_LINUX_SLL2,
     PcapStreamParser,
-    Record,
     can_convert,
     convert_records,
     linktype_name,
@@ -30,6 +30,7 @@ from ddump.pcap import (
 )
 from ddump.pcapng import CaptureCounts
 from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM, flag_value
+from ddump.records import Records
 from ddump.targets import Target, redact
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class _Run:
     clock_offset_high_ns: int = 0  # ...and at most this (a round trip above the headers' low)
     opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
     opened: Opened | None = None
-    staged: list[tuple[int, list[Record]]] = field(default_factory=list)  # (link type, records)
+    staged: list[tuple[int, Records]] = field(default_factory=list)  # (link type, records)
     failed: bool = False
     refused: str = ""  # why its records cannot join the output, once known
     capture_ids: list[str] = field(default_factory=list)  # one per connection (--reconnect)
@@ -400,7 +401,7 @@ class Session:
             raise StreamFailure(run.refused)
         return None if self.stopping else self.output.drained()
 
-    def _accept(self, run: _Run, records: list[Record]) -> None:
+    def _accept(self, run: _Run, records: Records) -> None:
         if run.linktype is None and run.parser.header is not None:
             run.linktype = run.parser.header.linktype
             run.opened_at = None
@@ -412,12 +413,12 @@ class Session:
             # In the worker's clock, by the offset's upper bound: nothing captured before the
             # stop is lost (a batch stream's clock is never learnt closer: its packets are late).
             cutoff = self._cutoff_ns + max(run.clock_offset_ns, run.clock_offset_high_ns)
-            records = [record for record in records if record[0] <= cutoff]
+            records = batches.pack([record for record in records if record[0] <= cutoff])
             if not records:
                 return
         run.counts.packets += len(records)
         if isinstance(run.target, Target) and self.merger.streams[run.index].started:
-            self._learn_clock(run, records[-1][0])
+            self._learn_clock(run, batches.last_ts(records))
         if self.output.pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
             self._push_records(run, self.output.pcapng.encode(run.index, records))
@@ -432,7 +433,7 @@ class Session:
                 self._push(run, records, linktype)
         self._release()
 
-    def _push(self, run: _Run, records: list[Record], linktype: int) -> None:
+    def _push(self, run: _Run, records: Records, linktype: int) -> None:
         assert self.output.linktype is not None
         out = self.output.linktype
         if linktype != out:
@@ -450,7 +451,7 @@ class Session:
             records = convert_records(records, linktype, out)
         self._push_records(run, records)
 
-    def _push_records(self, run: _Run, records: list[Record]) -> None:
+    def _push_records(self, run: _Run, records: Records) -> None:
         try:
             self._write(self.merger.push(run.index, records))
         except DdumpError as exc:
@@ -551,7 +552,7 @@ class Session:
         except DdumpError as exc:
             self._output_failed(exc)
 
-    def _write(self, records: list[Record]) -> None:
+    def _write(self, records: Records) -> None:
         if not records:
             return
         count = self.settings.count
