@@ -163,3 +163,17 @@ def test_both_engines_merge_files_into_the_same_bytes(tmp_path: Path) -> None:
         outputs.append(done.stdout)
     assert len(outputs[0]) == 24 + 3 * sum(16 + len(b"%d/%d" % (0, i)) for i in range(500))
     assert outputs[0] == outputs[1]
+
+
+def test_version_says_which_engine_runs() -> None:
+    def version(pure: str) -> str:
+        env = {**os.environ, "DDUMP_PURE_PYTHON": pure}
+        done = subprocess.run(
+            [sys.executable, "-m", "ddump.cli.main", "--version"],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert version("1").endswith("(merge engine: pure Python)")
+    expected = "C" if records.ENGINE == "c" else "pure Python"
+    assert version("").endswith(f"(merge engine: {expected})")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ddump import __version__
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
+from ddump.records import ENGINE
 
 # Spellings users of the earlier ddump type; argparse would read `-ca` as `-c a`.
 SINGLE_DASH_ALIASES = {"-ca": "--ca", "-cert": "--cert", "-key": "--key"}
@@ -234,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     messages.add_argument(
         "--traceback", action="store_true", help="show the traceback of unexpected errors"
     )
-    messages.add_argument("--version", action="version", version=f"ddump {__version__}")
+    messages.add_argument(
+        "--version",
+        action="version",
+        version=f"ddump {__version__} (merge engine: {'C' if ENGINE == 'c' else 'pure Python'})",
+    )
     return parser
 
 
