@@ -400,11 +400,13 @@ static PyObject *
 records_from_records(PyObject *module, PyObject *arg)
 {
     (void)module;
-    PyObject *seq = PySequence_Fast(arg, "from_records takes a sequence of records");
+    /* A tuple of our own: a timestamp that is not an int runs its __index__, which could
+     * change a list we read from. */
+    PyObject *seq = PySequence_Tuple(arg);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     PyObject *owners = PyTuple_New(n);
     Batch *batch = owners ? batch_new(n, owners) : NULL;
     Py_XDECREF(owners);
@@ -429,6 +431,10 @@ records_from_records(PyObject *module, PyObject *arg)
         long long ts = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
         if (ts == -1 && PyErr_Occurred())
             goto fail;
+        if (ts == INT64_MAX) {  /* merge() marks an exhausted run with it */
+            PyErr_SetString(PyExc_OverflowError, "a record's timestamp is out of range");
+            goto fail;
+        }
         PyTuple_SET_ITEM(batch->owners, i, Py_NewRef(data));
         batch->ptr[i] = PyBytes_AS_STRING(data);
         batch->ts[i] = ts;
@@ -590,8 +596,8 @@ records_merge(PyObject *module, PyObject *arg)
             for (Py_ssize_t i = 0; i < b->n; i++)
                 size += record_len(b->ptr[i]);
         }
-        /* The list's items stay alive: the caller holds `runs` during this call, and no
-         * Python code runs before we are done with them. */
+        /* The list's items stay alive: the caller holds `runs` during this call, and no code
+         * that holds these lists runs before we are done with them. */
         cs[r].batches = (Batch **)PySequence_Fast_ITEMS(run);
         cs[r].nbatches = nb;
         cs[r].b = 0;
