@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,23 +16,9 @@ from ddump.errors import PcapFormatError
 from ddump.merge import Merger
 from ddump.pcap import PcapStreamParser
 from ddump.records import Record
-from tests.conftest import IN_CI
+from tests.test_records import _records, needs_c, record
 
-try:
-    from ddump import _records
-except ImportError:
-    _records = None  # type: ignore[assignment]
-
-needs_c = pytest.mark.skipif(
-    _records is None and not IN_CI, reason="the C part (ddump/_records.c) is not built here"
-)
-REC = struct.Struct("<IIII")
 BASE = 1_700_000_000 * 10**9
-
-
-def record(ts: int, payload: bytes) -> Record:
-    sec, nsec = divmod(ts, 1_000_000_000)
-    return ts, REC.pack(sec, nsec, len(payload), len(payload)) + payload
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
