@@ -395,6 +395,36 @@ records_scan(PyObject *module, PyObject *args)
     return Py_BuildValue("(Nnnl)", (PyObject *)batch, pos, need, (long)bad);
 }
 
+/* skip(buf, pos, big_endian): step over whole record headers and bodies from pos, reading
+ * only each caplen (the worker counts records it relays). Returns (records, pos); pos may lie
+ * past the end of buf, inside the body of the last record. */
+static PyObject *
+records_skip(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer view;
+    Py_ssize_t pos;
+    int big;
+    if (!PyArg_ParseTuple(args, "y*np", &view, &pos, &big))
+        return NULL;
+    if (pos < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    const unsigned char *base = view.buf;
+    Py_ssize_t end = view.len, count = 0;
+    while (pos <= end - RECORD_HEADER_LEN) {
+        const unsigned char *c = base + pos + 8;
+        uint32_t caplen = big ? (uint32_t)c[0] << 24 | (uint32_t)c[1] << 16 | (uint32_t)c[2] << 8 | c[3]
+                              : read_le32((const char *)c);
+        pos += RECORD_HEADER_LEN + (Py_ssize_t)caplen;
+        count++;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nn)", count, pos);
+}
+
 /* from_records(records): a batch of (timestamp, bytes) tuples; each bytes object is kept. */
 static PyObject *
 records_from_records(PyObject *module, PyObject *arg)
@@ -651,6 +681,8 @@ static PyMethodDef records_methods[] = {
      "scan(buf, pos, limit) -> (batch, pos, need, bad_caplen): whole LE-nano records."},
     {"merge", records_merge, METH_O,
      "merge(runs) -> batch: sorted runs (lists of batches) merged, ties in run order."},
+    {"skip", records_skip, METH_VARARGS,
+     "skip(buf, pos, big_endian) -> (records, pos): steps over whole records, reading caplens."},
     {"concat", records_concat, METH_O,
      "concat(batches) -> one batch of all their records, in order (no bytes are copied)."},
     {"from_records", records_from_records, METH_O,

@@ -29,6 +29,8 @@ Records = Sequence[Record]
 RECORD_HEADER_LEN: Final = 16
 _TS: Final = itemgetter(0)
 _REC_TS_CAPLEN: Final = struct.Struct("<III")
+_CAPLEN_LE: Final = struct.Struct("<I")
+_CAPLEN_BE: Final = struct.Struct(">I")
 
 try:
     from ddump import _records as _c
@@ -78,6 +80,23 @@ def _scan_python(buf: bytes, pos: int, limit: int) -> tuple[Records, int, int, i
         size = RECORD_HEADER_LEN + caplen
         return out, pos - size, size, 0
     return out, pos, RECORD_HEADER_LEN, 0
+
+
+def skip(buf: bytes, pos: int, big_endian: bool) -> tuple[int, int]:
+    """Step over the records of `buf` from `pos`, reading only each caplen: (count, pos).
+
+    Every record whose header is in `buf` counts; the returned pos may lie past the end of
+    `buf`, inside the last record's body.
+    """
+    if _c is not None:
+        return _c.skip(buf, pos, big_endian)
+    unpack = (_CAPLEN_BE if big_endian else _CAPLEN_LE).unpack_from
+    last = len(buf) - RECORD_HEADER_LEN
+    count = 0
+    while pos <= last:
+        pos += RECORD_HEADER_LEN + unpack(buf, pos + 8)[0]
+        count += 1
+    return count, pos
 
 
 def pack(records: list[Record]) -> Records:

@@ -178,3 +178,23 @@ def test_version_says_which_engine_runs() -> None:
     # The child runs with the C part unless told otherwise, whatever this process runs.
     expected = "pure Python" if _records is None else "C"
     assert version("").endswith(f"(merge engine: {expected})")
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=20), st.booleans(), st.integers(0, 30), st.data())
+def test_skip_counts_records_like_the_python_walk(
+    sizes: list[int], big: bool, start: int, data: st.DataObject
+) -> None:
+    layout = struct.Struct(">IIII" if big else "<IIII")
+    body = b"".join(layout.pack(1, 2, size, size) + b"y" * size for size in sizes)
+    buf = b"z" * start + body[: data.draw(st.integers(0, len(body)))]
+    saved = records._c
+    try:
+        records._c = None  # type: ignore[assignment]
+        expected = records.skip(buf, start, big)
+    finally:
+        records._c = saved
+    assert _records.skip(buf, start, big) == expected
+    whole = sum(1 for i in range(len(sizes)) if 16 * (i + 1) + sum(sizes[:i]) <= len(buf) - start)
+    assert expected[0] == whole

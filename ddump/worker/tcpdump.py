@@ -6,6 +6,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from ddump import records as batches
+
 LISTENING_MARK = "listening on"
 
 _STATS_LINE = re.compile(
@@ -126,9 +128,10 @@ class RecordCounter:
     """Counts pcap records in a stream fed in arbitrary chunks, by skipping over their bodies.
 
     Only each record's caplen is read: the worker needs a count for its log, not the packets.
-    One `unpack_from` per record and no copy (but of a header cut by the end of a read): this
-    runs for every packet the worker relays. Once `cutoff_ns` is set, the stream is cut before
-    the first record captured after it (see Capture.stop), and `cut` tells it happened.
+    No copy (but of a header cut by the end of a read) and, with the C part, no Python code per
+    record (ddump/records.py, `skip`): this runs for every packet the worker relays. Once
+    `cutoff_ns` is set, the stream is cut before the first record captured after it (see
+    Capture.stop), and `cut` tells it happened.
     """
 
     def __init__(self) -> None:
@@ -136,7 +139,7 @@ class RecordCounter:
         self.bytes = 0
         self.cutoff_ns: int | None = None
         self.cut = False
-        self._caplen: struct.Struct | None = None  # known once the global header is in
+        self._big: bool | None = None  # the stream's byte order, once the global header is in
         self._header: struct.Struct = _RECORD_LE
         self._scale = 1  # to nanoseconds
         self._next = 0  # stream offset of the next header (global, then each record's)
@@ -163,26 +166,20 @@ class RecordCounter:
             self._carry = b""
             self._carry_passed = 0
         pos = self._next - first
-        if self._caplen is None:
+        if self._big is None:
             if len(data) - pos < 24:
                 self._carry = data[pos:]
                 self._carry_passed = len(self._carry)
                 return chunk
             # tcpdump writes in its host's byte order: a big-endian host's magic reads a1 b2 ...
-            big = data[pos : pos + 2] == b"\xa1\xb2"
-            self._caplen = struct.Struct(">I" if big else "<I")
+            self._big = big = data[pos : pos + 2] == b"\xa1\xb2"
             self._header = _RECORD_BE if big else _RECORD_LE
             nano = data[pos : pos + 4] in (b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1")
             self._scale = 1 if nano else 1000
             pos += 24
         if self.cutoff_ns is not None:
             return self._feed_until_cutoff(data, pos, first, begin)
-        unpack = self._caplen.unpack_from
-        last = len(data) - 16
-        records = 0
-        while pos <= last:
-            pos += 16 + unpack(data, pos + 8)[0]
-            records += 1
+        records, pos = batches.skip(data, pos, self._big)
         self.records += records
         self._next = first + pos
         if pos < len(data):
