@@ -76,7 +76,7 @@ batch_new(Py_ssize_t n, PyObject *owners)
 }
 
 static int
-batch_grow(Batch *self, Py_ssize_t room)
+batch_resize(Batch *self, Py_ssize_t room)
 {
     const char **ptr = PyMem_Realloc(self->ptr, (size_t)room * sizeof(char *));
     if (ptr == NULL) {
@@ -356,7 +356,14 @@ records_scan(PyObject *module, PyObject *args)
     PyObject *owners = PyTuple_Pack(1, buf);
     if (owners == NULL)
         return NULL;
-    Py_ssize_t room = 1024;
+    /* Room for 1024 records, or for as many as the bytes can hold if fewer; trimmed to the
+     * count at the end: in immediate mode most chunks hold one packet, and a batch waiting in
+     * the merge must not keep 16 KiB of arrays for it. */
+    Py_ssize_t room = (end - pos) / RECORD_HEADER_LEN;
+    if (room > 1024)
+        room = 1024;
+    if (room < 1)
+        room = 1;
     Batch *batch = batch_new(room, owners);
     Py_DECREF(owners);
     if (batch == NULL)
@@ -377,7 +384,7 @@ records_scan(PyObject *module, PyObject *args)
             need = len;
             break;
         }
-        if (n == room && batch_grow(batch, room *= 2) < 0) {
+        if (n == room && batch_resize(batch, room *= 2) < 0) {
             Py_DECREF(batch);
             return NULL;
         }
@@ -392,6 +399,10 @@ records_scan(PyObject *module, PyObject *args)
     }
     batch->n = n;
     batch->sorted = sorted;
+    if (room > n && batch_resize(batch, n > 0 ? n : 1) < 0) {
+        Py_DECREF(batch);
+        return NULL;
+    }
     return Py_BuildValue("(Nnnl)", (PyObject *)batch, pos, need, (long)bad);
 }
 

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,19 @@ def test_skip_counts_records_like_the_python_walk(
     assert _records.skip(buf, start, big) == expected
     whole = sum(1 for i in range(len(sizes)) if 16 * (i + 1) + sum(sizes[:i]) <= len(buf) - start)
     assert expected[0] == whole
+
+
+@needs_c
+def test_a_batch_of_one_packet_keeps_no_room_for_more() -> None:
+    # In immediate mode most chunks hold one packet, and a quiet target can hold thousands of
+    # such batches in the merge: each must cost about its record, not arrays sized for 1024.
+    one = record(5, b"p" * 60)[1]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [_records.scan(one, 0, 262144)[0] for _ in range(1000)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 1000 and all(len(batch) == 1 for batch in kept)
+    assert grown < 1000 * 400, f"{grown / 1000:.0f} bytes per one-packet batch"
