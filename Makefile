@@ -8,7 +8,7 @@ PYTEST  := $(VENV)/bin/pytest
 demo:
 	sh .ci/demo
 
-# The Debian package built, installed, smoke-tested and purged (about 15 s), then the suite.
+# The Debian package built, installed, smoke-tested and purged (about 20 s), then the suite.
 test: lint
 	sh packaging/deb-test.sh
 	$(PYTEST) -q -ra -p no:cacheprovider tests

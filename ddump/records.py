@@ -7,7 +7,8 @@ happen in C, a batch at a time. Otherwise, or for records that are not pcap reco
 blocks), a batch is a list of tuples and the same work is done with list operations. Every
 function here takes either kind; results are the same, record for record.
 
-DDUMP_PURE_PYTHON=1 in the environment turns the C part off (to compare, or to test).
+DDUMP_PURE_PYTHON=1 (any non-empty value) in the environment turns the C part off (to compare,
+or to test).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def scan(buf: bytes, pos: int, limit: int) -> tuple[Records, int, int, int]:
     """The whole little-endian nanosecond records of `buf` from `pos` on.
 
     Returns (records, pos, need, bad): where parsing stopped, how many bytes the record there
-    needs (16 while only part of its header is in), and its caplen if that exceeds `limit`
+    needs (16 while its header is not all in), and its caplen if that exceeds `limit`
     (0 if not); parsing stops before such a record.
     """
     if _c is not None:

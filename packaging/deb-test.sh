@@ -102,7 +102,11 @@ head -n 1 /usr/bin/ddump-worker | grep -qx '#! */usr/bin/python3' \
 timeout 60 systemd-analyze verify "$UNIT" || die "systemd-analyze verify $UNIT"
 timeout 60 systemd-analyze security --offline=yes "$UNIT" | tail -n 1 >&2
 env -i PATH="$PATH" /usr/bin/ddump-worker --help >/dev/null || die "ddump-worker --help"
-env -i PATH="$PATH" /usr/bin/python3 -c 'import ddump.records as r; assert r.ENGINE == "c", r.ENGINE' \
+# From /, so that the installed package is imported, not a work tree's ddump/.
+(cd / && env -i PATH="$PATH" /usr/bin/python3 -c '
+import ddump.records as r
+assert r.__file__.startswith("/usr/lib/python3/"), r.__file__
+assert r.ENGINE == "c", r.ENGINE') \
     || die "the installed ddump lacks its C merge engine (ddump/_records.c)"
 
 # --- run the worker as the unit would ------------------------------------------------------------

@@ -46,7 +46,7 @@ def streams_of(draw_ts: list[list[int]]) -> list[list[Record]]:
 
 
 def test_the_c_part_is_built_where_ci_runs() -> None:
-    # A failed build falls back silently to the pure-Python engine (about 3x slower): CI must
+    # A failed build falls back silently to the pure-Python engine (3-4.5x slower): CI must
     # notice. Elsewhere the fallback is a supported way to run.
     if not IN_CI:
         pytest.skip("only CI=true requires the C part")

@@ -24,8 +24,8 @@ Each TARGET is a ddump-worker URL:
   http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
 A URL with a USER but no PASSWORD takes the password from $DDUMP_PASSWORD, which keeps it
 out of the process list. PORT defaults to 8475 (for https too), the path to /capture;
-percent-encode the filter
-(e.g. ?filter=tcp%20port%2080). Targets can also come from an inventory (-f fleet.yaml).
+percent-encode the filter (e.g. ?filter=tcp%20port%2080). Targets can also come from an
+inventory (-f fleet.yaml).
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
 """
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("urls", nargs="*", metavar="TARGET", help="worker URL (see above)")
+    parser.add_argument(
+        "urls", nargs="*", metavar="TARGET", help="worker URL or capture file (see above)"
+    )
 
     targets = parser.add_argument_group("targets")
     targets.add_argument(
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--version",
         action="version",
         version=f"ddump {__version__} (merge engine: {'C' if ENGINE == 'c' else 'pure Python'})",
+        help="show the version and the merge engine (C or pure Python), and exit",
     )
     return parser
 
