@@ -495,24 +495,32 @@ fail:
     return NULL;
 }
 
+/* 0 if `list` is a list of batches; else -1 with a TypeError saying `what`. */
+static int
+check_batches(PyObject *list, const char *what)
+{
+    if (PyList_Check(list)) {
+        Py_ssize_t j = 0, n = PyList_GET_SIZE(list);
+        while (j < n && PyObject_TypeCheck(PyList_GET_ITEM(list, j), &BatchType))
+            j++;
+        if (j == n)
+            return 0;
+    }
+    PyErr_SetString(PyExc_TypeError, what);
+    return -1;
+}
+
 /* concat(batches): one batch of all their records, in order, sharing their bytes. */
 static PyObject *
 records_concat(PyObject *module, PyObject *arg)
 {
     (void)module;
-    if (!PyList_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "concat takes a list of batches");
+    if (check_batches(arg, "concat takes a list of batches") < 0)
         return NULL;
-    }
     Py_ssize_t nb = PyList_GET_SIZE(arg), total = 0, nowners = 0;
     for (Py_ssize_t j = 0; j < nb; j++) {
-        PyObject *item = PyList_GET_ITEM(arg, j);
-        if (!PyObject_TypeCheck(item, &BatchType)) {
-            PyErr_SetString(PyExc_TypeError, "concat takes a list of batches");
-            return NULL;
-        }
-        total += ((Batch *)item)->n;
-        nowners += PyTuple_GET_SIZE(((Batch *)item)->owners);
+        total += ((Batch *)PyList_GET_ITEM(arg, j))->n;
+        nowners += PyTuple_GET_SIZE(((Batch *)PyList_GET_ITEM(arg, j))->owners);
     }
     PyObject *owners = PyTuple_New(nowners);
     if (owners == NULL)
@@ -623,18 +631,11 @@ records_merge(PyObject *module, PyObject *arg)
     Py_ssize_t total = 0, size = 0;
     for (Py_ssize_t r = 0; r < k; r++) {
         PyObject *run = PyList_GET_ITEM(arg, r);
-        if (!PyList_Check(run)) {
-            PyErr_SetString(PyExc_TypeError, "a run is a list of batches");
+        if (check_batches(run, "a run is a list of batches") < 0)
             goto done;
-        }
         Py_ssize_t nb = PyList_GET_SIZE(run);
         for (Py_ssize_t j = 0; j < nb; j++) {
-            PyObject *item = PyList_GET_ITEM(run, j);
-            if (!PyObject_TypeCheck(item, &BatchType)) {
-                PyErr_SetString(PyExc_TypeError, "a run is a list of batches");
-                goto done;
-            }
-            Batch *b = (Batch *)item;
+            Batch *b = (Batch *)PyList_GET_ITEM(run, j);
             total += b->n;
             for (Py_ssize_t i = 0; i < b->n; i++)
                 size += record_len(b->ptr[i]);
