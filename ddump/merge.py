@@ -91,11 +91,12 @@ class Merger:
             records = records[cut:]
             state.late += len(late)
         if records:
+            first = batches.first_ts(records)
             pending = self._pending[stream]
-            if pending and batches.first_ts(records) < batches.last_ts(pending[-1]):
+            if pending and first < batches.last_ts(pending[-1]):
                 self._unsorted[stream] = True
             pending.append(records)
-            self._settled = min(self._settled, batches.first_ts(records) - 1)
+            self._settled = min(self._settled, first - 1)
             self.buffered += len(records)
             state.newest_ns = max(state.newest_ns, batches.last_ts(records))
         return late

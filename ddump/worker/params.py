@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import BATCH_PARAM, flag_value
 from ddump.worker.filter import FilterError, check_filter
 
-MAX_SNAPLEN = 262144
+MAX_SNAPLEN = DEFAULT_SNAPLEN  # tcpdump's largest, and the one pcap readers accept
 MAX_COUNT = 2**31 - 1  # tcpdump reads -c into an int
 MAX_DURATION_NS = 366 * 24 * 3600 * 10**9
 NS_PER_S = 10**9
