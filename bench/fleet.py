@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import mmap
 import os
 import re
 import select
@@ -446,7 +448,18 @@ def part_idle(rate: int, seconds: float, env: dict[str, str]) -> None:
                 worker.__exit__()
 
 
-def part_fanin(streams: int, rate: int, seconds: float, env: dict[str, str]) -> None:
+def prefault(mib: int) -> None:
+    """Touch `mib` MiB of fresh memory and free it (see --prefault-mib)."""
+    if mib <= 0:
+        return
+    size = mib << 20
+    with mmap.mmap(-1, size) as area:
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(area)), 1, size)
+
+
+def part_fanin(
+    streams: int, rate: int, seconds: float, env: dict[str, str], prefault_mib: int = 0
+) -> None:
     per_worker = 16
     n_workers = -(-streams // per_worker)
     with Fleet(1) as fleet:
@@ -473,6 +486,7 @@ def part_fanin(streams: int, rate: int, seconds: float, env: dict[str, str]) -> 
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(0.5)
+            prefault(prefault_mib)
             cli = Cli(host, targets, env)
             wait_for(lambda: bool(cli.reader.chunks), 30, "the first byte of output")
             clock_gap = time.time() - time.monotonic()
@@ -562,6 +576,13 @@ def main() -> None:
     parser.add_argument("--idle-rate", type=int, default=2000)
     parser.add_argument("--fanin-streams", type=int, default=64)
     parser.add_argument("--fanin-rate", type=int, default=50, help="datagrams/s on loopback")
+    parser.add_argument(
+        "--prefault-mib",
+        type=int,
+        default=0,
+        help="fan-in: touch and free this much memory just before the CLI starts (a diagnosis:"
+        " see BENCHMARKS.md, Fan-in)",
+    )
     parser.add_argument("--stall-seconds", type=float, default=30.0)
     parser.add_argument("--stall-rate", type=int, default=10_000)
     parser.add_argument("--max-seconds", type=int, default=1800, help="bound on the whole run")
@@ -593,7 +614,7 @@ def main() -> None:
         if "idle" in parts:
             part_idle(args.idle_rate, args.seconds, env)
         if "fanin" in parts:
-            part_fanin(args.fanin_streams, args.fanin_rate, args.seconds, env)
+            part_fanin(args.fanin_streams, args.fanin_rate, args.seconds, env, args.prefault_mib)
         if "stall" in parts:
             part_stall(args.stall_rate, args.stall_seconds, env)
 

@@ -33,9 +33,10 @@ from tornado.netutil import bind_sockets
 
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapStreamParser
 from ddump.worker.app import WorkerState, make_app
-from ddump.worker.capture import CaptureRegistry
 from ddump.worker.filter import self_exclusion
 from ddump.worker.params import NS_PER_S
+from ddump.worker.registry import CaptureRegistry
+from ddump.worker.taps import Tap
 from tests.conftest import require_tool
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
 from tests.procs import exit_time, has_exited
@@ -110,6 +111,11 @@ class Fake:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
+    yield from fake_tcpdump(monkeypatch)
+
+
+def fake_tcpdump(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
+    """The fake tcpdump in a temporary directory, logging into it (see the module's text)."""
     # World-readable: a worker running as root runs tcpdump as an unprivileged user.
     with tempfile.TemporaryDirectory(prefix="ddump-fake-") as directory:
         root = Path(directory)
@@ -575,7 +581,8 @@ def test_statistics_are_not_kept_with_the_messages(fake: Fake) -> None:
         token = response.getheader("X-Ddump-Capture")
         for _ in range(3):
             assert stats_of(worker, token)[1]["dropped_by_kernel"] == 1
-        [capture] = list(worker.state.captures._by_token.values())
+        capture = worker.state.captures.find(token)
+        assert isinstance(capture, Tap)
         assert "listening on" in capture.stderr_text
         assert "packets captured" not in capture.stderr_text
         response.close()

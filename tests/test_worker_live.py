@@ -257,6 +257,31 @@ def test_the_ring_a_capture_pins_is_what_the_readme_says(
     assert mib * 2**20 <= sizes[0] <= (mib + 1) * 2**20, sizes[0] / 2**20
 
 
+def test_identical_captures_share_one_tcpdump_each_from_when_it_joined(
+    fleet: Fleet, tcpdump: str
+) -> None:
+    h1, h2 = fleet.hosts
+    with start_worker(h1, tcpdump) as worker:
+        first = capture(worker, "filter=udp+port+5000")
+        before = udp_traffic(h2, h1, port=5000, count=100, rate=2000)
+        first.wait(lambda: len(first.records) >= 100)
+        second = capture(worker, "filter=udp+port+5000")
+        [pid] = tcpdump_children(worker)
+        both = udp_traffic(h2, h1, port=5000, count=200, rate=2000, size=80)
+        first.wait(lambda: len(first.records) >= 300)
+        second.wait(lambda: len(second.records) >= 200)
+        joined = capture_stats(worker, second)
+        first.close()
+        after = udp_traffic(h2, h1, port=5000, count=50, rate=2000, size=96)
+        second.wait(lambda: len(second.records) >= 250)
+        assert tcpdump_children(worker) == [pid]  # still running for the second client
+        second.close()
+        assert gone_within(pid, 2)
+    assert udp_payloads(first.packets(), 5000) == before.sent + both.sent
+    assert udp_payloads(second.packets(), 5000) == both.sent + after.sent
+    assert 200 <= joined["captured"] < 300  # tcpdump's counts since the second client joined
+
+
 def test_tcp_stream_and_icmp_echoes_are_captured_whole(fleet: Fleet, tcpdump: str) -> None:
     h1, h2 = fleet.hosts
     with start_worker(h1, tcpdump) as worker:

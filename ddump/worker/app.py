@@ -25,18 +25,12 @@ from ddump.protocol import (
     PCAP_CONTENT_TYPE,
     STATS_PATH,
 )
-from ddump.worker.capture import (
-    ENDED_KEEP,
-    ENDED_KEEP_S,
-    PIPE_SIZE,
-    Capture,
-    CaptureRefused,
-    CaptureRegistry,
-    missing_tcpdump_message,
-)
+from ddump.worker.capture import PIPE_SIZE, Capture, CaptureRefused, missing_tcpdump_message
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
 from ddump.worker.interfaces import interfaces_header
 from ddump.worker.params import NS_PER_S, CaptureParams, parse_query
+from ddump.worker.registry import ENDED_KEEP, ENDED_KEEP_S, CaptureRegistry
+from ddump.worker.taps import Tap
 from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")
@@ -44,8 +38,6 @@ log = logging.getLogger("ddump.worker")
 RETRY_AFTER_S = 5
 VERSION_TIMEOUT_S = 5
 STATS_TIMEOUT_NS = 3 * NS_PER_S // 2  # in all, for tcpdump's counts (the CLI waits 2 s)
-COALESCE_BELOW = 16 * 1024  # bytes: a smaller read means the pipe was nearly empty
-COALESCE_S = 0.001
 CLIENT_CHECK_S = 1.0  # how often a capture checks that its client is still connected
 _LOG_FILTER_MAX = 200
 
@@ -64,6 +56,7 @@ class WorkerState:
     buffer_kib: int | None = None  # tcpdump -B
     pipe_size: int = PIPE_SIZE  # tcpdump's stdout pipe
     unix_socket: bool = False  # clients have no address then
+    share: bool = True  # identical live captures share one tcpdump (see taps.py)
     version: dict[str, str] = field(default_factory=dict)  # cached `tcpdump --version`
     version_probe: asyncio.Future[dict[str, str]] | None = None
 
@@ -101,7 +94,7 @@ class CaptureHandler(TextErrorsHandler):
 
     def initialize(self, state: WorkerState) -> None:
         self.state = state
-        self.capture: Capture | None = None
+        self.capture: Tap | None = None
         self.client_gone = False
 
     def client(self) -> str:
@@ -136,23 +129,29 @@ class CaptureHandler(TextErrorsHandler):
             buffer_kib=self.state.buffer_kib,
             batch=params.batch,
         )
-        capture = Capture(
-            argv,
-            drop_to=self.state.drop_to,
-            stop_grace_ns=self.state.stop_grace_ns,
-            abort_grace_ns=self.state.abort_grace_ns,
-            batch=params.batch,
-            pipe_size=self.state.pipe_size,
-        )
+
+        def make() -> Capture:
+            return Capture(
+                argv,
+                drop_to=self.state.drop_to,
+                stop_grace_ns=self.state.stop_grace_ns,
+                abort_grace_ns=self.state.abort_grace_ns,
+                batch=params.batch,
+                pipe_size=self.state.pipe_size,
+            )
+
+        # A batch capture's stop hands over its kernel's last blocks, and a count ends tcpdump
+        # itself: those are one client's own. Identical live captures share one tcpdump.
+        shareable = self.state.share and not params.batch and params.count is None
+        number, capture = captures.open(tuple(argv) if shareable else None, make)
         self.capture = capture
-        number = captures.add(capture)
         try:
             await self._run(number, capture, params)
         finally:
             capture.abort("ended")
             captures.remove(capture)
 
-    async def _run(self, number: int, capture: Capture, params: CaptureParams) -> None:
+    async def _run(self, number: int, capture: Tap, params: CaptureParams) -> None:
         try:
             await capture.start(self.state.start_timeout_ns)
         except CaptureRefused as refused:
@@ -172,7 +171,7 @@ class CaptureHandler(TextErrorsHandler):
             capture.abort("client closed")
         started_ns = time.monotonic_ns()
         log.info(
-            "capture %d start: client=%s filter=%s snaplen=%s count=%s duration=%s%s pid=%s",
+            "capture %d start: client=%s filter=%s snaplen=%s count=%s duration=%s%s pid=%s%s",
             number,
             self.client(),
             _show_filter(params.filter),
@@ -181,6 +180,7 @@ class CaptureHandler(TextErrorsHandler):
             seconds_text(params.duration_ns) if params.duration_ns else "-",
             " batch" if params.batch else "",
             capture.pid,
+            " (shared)" if capture.joined else "",
         )
         timer = None
         if params.duration_ns is not None:
@@ -196,7 +196,7 @@ class CaptureHandler(TextErrorsHandler):
             await capture.wait()
             self._log_end(number, capture, params, time.monotonic_ns() - started_ns)
 
-    async def _stream(self, capture: Capture) -> None:
+    async def _stream(self, capture: Tap) -> None:
         self.set_header("Content-Type", PCAP_CONTENT_TYPE)
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: stream, do not buffer
@@ -213,14 +213,10 @@ class CaptureHandler(TextErrorsHandler):
                 if not chunk:
                     break
                 self.write(chunk)
-                # Backpressure: no read before the client took this chunk, so a slow client
-                # fills the pipe, tcpdump blocks, and the kernel counts drops, not our memory.
+                # Backpressure: the pipe is read again only once the client took this chunk,
+                # so a slow client fills the pipe, tcpdump blocks, and the kernel counts drops,
+                # not our memory.
                 await self.flush()
-                if len(chunk) < COALESCE_BELOW:
-                    # A quiet pipe gives one packet per read: one HTTP chunk, one send and one
-                    # wakeup of the client each. Pausing before the next read lets a few
-                    # packets gather in the pipe (at most COALESCE_S of latency).
-                    await asyncio.sleep(COALESCE_S)
             if capture.stop_reason is None and await capture.wait() not in (0, None):
                 # tcpdump died on its own: no terminating chunk, so the client sees a failure
                 # (a cut stream) rather than a capture that merely ended.
@@ -252,9 +248,7 @@ class CaptureHandler(TextErrorsHandler):
                 connection.close()  # and nothing more is written to a client that left
                 return
 
-    def _log_end(
-        self, number: int, capture: Capture, params: CaptureParams, elapsed_ns: int
-    ) -> None:
+    def _log_end(self, number: int, capture: Tap, params: CaptureParams, elapsed_ns: int) -> None:
         stats = capture.stats
 
         def count(value: int | None) -> str:
@@ -286,7 +280,7 @@ class CaptureHandler(TextErrorsHandler):
             self.capture.abort("ended")
 
 
-def _exit_reason(capture: Capture, params: CaptureParams) -> str:
+def _exit_reason(capture: Tap, params: CaptureParams) -> str:
     if capture.returncode == 0:
         return "count reached" if params.count else "tcpdump exited"
     detail = error_lines(capture.stderr_text).replace("\n", "; ")
@@ -316,8 +310,8 @@ class CaptureStatsHandler(TextErrorsHandler):
                 f"it runs and for {ENDED_KEEP_S // 60} minutes after it ends (the last "
                 f"{ENDED_KEEP} ended captures)",
             )
-        stats = await found.current_stats(STATS_TIMEOUT_NS) if isinstance(found, Capture) else found
-        running = isinstance(found, Capture) and found.running
+        stats = await found.current_stats(STATS_TIMEOUT_NS) if isinstance(found, Tap) else found
+        running = isinstance(found, Tap) and found.running
         self.set_header("Cache-Control", "no-store")
         self.finish(
             {

@@ -13,11 +13,9 @@ import contextlib
 import fcntl
 import os
 import pwd
-import secrets
 import signal
 import subprocess
 import time
-from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,6 @@ from ddump.worker.tcpdump import (
 READ_SIZE = 65536
 STDERR_KEEP = 64 * 1024  # tcpdump says a few lines; a flood of warnings must not grow us
 STDERR_LINE_MAX = 4096  # a longer "line" is not one of tcpdump's statistics lines
-ENDED_KEEP = 256  # ended captures whose statistics a client can still ask for...
-ENDED_KEEP_S = 600  # ...for this long
 # tcpdump's stdout pipe: the default 64 KiB holds a few hundred small packets, so a worker that
 # waits for the CPU a few ms stops tcpdump, whose ring then overflows (it counts slots of the
 # snapshot length, not bytes). A pipe holds packets densely: 1 MiB (the unprivileged maximum,
@@ -104,9 +100,6 @@ class Capture:
         self.abort_grace_ns = abort_grace_ns
         self.counter = RecordCounter()
         self.relayed = 0  # bytes of tcpdump's output passed on (all, but for a stop's cut)
-        # Names this capture in GET /capture/stats?id=...: unguessable, so a client can only
-        # ask about its own captures.
-        self.token = secrets.token_urlsafe(12)
         self.returncode: int | None = None
         self.stop_reason: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -384,72 +377,6 @@ def catches_signal(pid: int, signum: int) -> bool:
     except (OSError, ValueError):
         pass
     return False
-
-
-class CaptureRegistry:
-    """The captures running now, bounded by --max-captures; stops them all at shutdown."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.closing = False
-        self._active: set[Capture] = set()
-        self._by_token: dict[str, Capture] = {}
-        # token -> (statistics, monotonic time it ended), oldest first
-        self._ended: OrderedDict[str, tuple[TcpdumpStats, float]] = OrderedDict()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.started = 0
-
-    def __len__(self) -> int:
-        return len(self._active)
-
-    def full(self) -> bool:
-        return len(self._active) >= self.limit
-
-    def add(self, capture: Capture) -> int:
-        """Register a capture; returns its number for the log."""
-        self._active.add(capture)
-        self._by_token[capture.token] = capture
-        self._idle.clear()
-        self.started += 1
-        return self.started
-
-    def remove(self, capture: Capture) -> None:
-        self._active.discard(capture)
-        if self._by_token.pop(capture.token, None) is not None and capture.listening:
-            self._ended[capture.token] = (capture.stats, time.monotonic())
-            while len(self._ended) > ENDED_KEEP:
-                self._ended.popitem(last=False)
-        if not self._active:
-            self._idle.set()
-
-    def find(self, token: str) -> Capture | TcpdumpStats | None:
-        """The running capture named `token`, or the statistics of a recently ended one."""
-        capture = self._by_token.get(token)
-        if capture is not None:
-            return capture
-        ended = self._ended.get(token)
-        if ended is None or time.monotonic() - ended[1] > ENDED_KEEP_S:
-            return None
-        return ended[0]
-
-    def stop_all(self, reason: str) -> None:
-        self.closing = True
-        for capture in list(self._active):
-            capture.stop(reason)
-
-    def abort_all(self, reason: str) -> None:
-        self.closing = True
-        for capture in list(self._active):
-            capture.abort(reason)
-
-    async def wait_idle(self, timeout_ns: int) -> bool:
-        """True once every capture's response has ended; False if time ran out first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_ns / NS_PER_S)
-        except TimeoutError:
-            return False
-        return True
 
 
 def _grow_pipe(fd: int, size: int) -> None:

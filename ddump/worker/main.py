@@ -24,7 +24,7 @@ from ddump.errors import UsageError
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
 from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import WorkerState, make_app
-from ddump.worker.capture import CaptureRegistry, missing_tcpdump_message, pipe_size_for
+from ddump.worker.capture import missing_tcpdump_message, pipe_size_for
 from ddump.worker.filter import (
     DEFAULT_BUFFER_KIB,
     MAX_FILTER_LEN,
@@ -33,6 +33,7 @@ from ddump.worker.filter import (
     self_exclusion,
 )
 from ddump.worker.params import NS_PER_S
+from ddump.worker.registry import CaptureRegistry
 from ddump.worker.server import BoundedHTTPServer, default_max_connections
 from ddump.worker.spawn import unprivileged_user
 from ddump.worker.tcpdump import error_lines
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CAPTURES,
         help=f"captures running at once; more get 503 with Retry-After "
         f"(default {DEFAULT_MAX_CAPTURES})",
+    )
+    parser.add_argument(
+        "--no-shared-captures",
+        dest="share",
+        action="store_false",
+        help="run a tcpdump for every capture; by default a live capture identical to a running "
+        "one (same filter and options, no packet count, not --batch) joins its tcpdump, which "
+        "then serves both clients at the pace of the slower one",
     )
     parser.add_argument(
         "--max-connections",
@@ -283,6 +292,7 @@ async def serve(args: argparse.Namespace) -> int:
         buffer_kib=args.buffer_size,
         pipe_size=pipe_size_for(args.max_captures),
         unix_socket=unix_path is not None,
+        share=args.share,
     )
     # Room for the longest filter we accept, fully percent-encoded: a longer request line would
     # be cut by Tornado with a reset instead of our 400 that names the limit.

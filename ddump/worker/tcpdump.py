@@ -55,6 +55,19 @@ class TcpdumpStats:
             dropped_by_interface=counts.get("dropped by interface"),
         )
 
+    def since(self, earlier: TcpdumpStats) -> TcpdumpStats:
+        """The counts from `earlier` on (unknown where either is unknown)."""
+
+        def delta(now: int | None, then: int | None) -> int | None:
+            return None if now is None or then is None else max(0, now - then)
+
+        return TcpdumpStats(
+            captured=delta(self.captured, earlier.captured),
+            received=delta(self.received, earlier.received),
+            dropped_by_kernel=delta(self.dropped_by_kernel, earlier.dropped_by_kernel),
+            dropped_by_interface=delta(self.dropped_by_interface, earlier.dropped_by_interface),
+        )
+
 
 @dataclass(frozen=True)
 class StartFailure:
@@ -186,6 +199,10 @@ class RecordCounter:
             self._carry = data[pos:]
             self._carry_passed = len(self._carry)
         return chunk
+
+    def next_record(self) -> tuple[int, bytes]:
+        """The stream offset of the next record's header, and those of its bytes already fed."""
+        return self._next, self._carry
 
     def _feed_until_cutoff(self, data: bytes, pos: int, first: int, begin: int) -> bytes:
         # Only while a stopping batch capture hands over its last blocks: timestamps too.
