@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="share",
         action="store_false",
         help="run a tcpdump for every capture; by default a live capture identical to a running "
-        "one (same filter and options, no packet count, not --batch) joins its tcpdump, which "
+        "one (same filter and options, no packet count, not batch=1) joins its tcpdump, which "
         "then serves both clients at the pace of the slower one",
     )
     parser.add_argument(
