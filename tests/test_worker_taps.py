@@ -12,6 +12,7 @@ import http.client
 import itertools
 import json
 import logging
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from ddump.pcap import PcapStreamParser
-from ddump.worker.taps import SharedCapture, Tap
+from ddump.worker.registry import CaptureRegistry
+from ddump.worker.taps import TAP_DRAIN_S, TAP_STALL_S, SharedCapture, Tap
 from ddump.worker.tcpdump import RecordCounter, TcpdumpStats
 from tests.test_worker_app import (
     PCAP_HEADER_LEN,
@@ -28,6 +30,7 @@ from tests.test_worker_app import (
     ThreadWorker,
     fake_global_header,
     fake_tcpdump,
+    wait_for,
     wait_gone,
 )
 from tests.test_worker_app import fake as _fake_fixture  # noqa: F401 (the `fake` fixture)
@@ -137,6 +140,49 @@ def test_a_client_joining_at_any_point_gets_the_header_then_whole_records(
     assert b"".join(tail) == stream[len(stream) - len(b"".join(tail)) :]
 
 
+def test_a_client_stopping_while_others_go_on_ends_after_a_whole_record() -> None:
+    stream = GLOBAL + b"".join(record(n, 100) for n in range(4))
+    cut = len(GLOBAL) + 116 + 50  # the first read ends inside the second record's body
+
+    async def run() -> bytes:
+        capture = ScriptedCapture([stream[:cut], stream[cut:]])
+        shared = SharedCapture(capture, lambda _: None)  # type: ignore[arg-type]
+        staying, stopping = shared.join(), shared.join()
+        await staying.start(10**9)
+        other = asyncio.ensure_future(drain(staying))
+        reading = asyncio.ensure_future(drain(stopping))
+        capture.allow()
+        while capture.served < 1:
+            await asyncio.sleep(0.001)
+        stopping.stop("duration reached")
+        await asyncio.sleep(TAP_DRAIN_S + 0.15)  # the rest of that record comes late
+        capture.allow()
+        body = await asyncio.wait_for(reading, 2)
+        capture.allow()
+        await asyncio.wait_for(other, 2)
+        return body
+
+    body = asyncio.run(asyncio.wait_for(run(), 10))
+    parser = PcapStreamParser()
+    got = [data for _, data in parser.feed(body)]
+    parser.close()  # raises on a cut record
+    assert got == [record(0, 100), record(1, 100)]
+
+
+def test_a_tcpdump_that_exited_by_itself_is_not_joined() -> None:
+    async def run() -> None:
+        registry = CaptureRegistry(8)
+        first = ScriptedCapture([GLOBAL])
+        _, tap = registry.open(("argv",), lambda: first)  # type: ignore[arg-type, return-value]
+        await tap.start(10**9)
+        first.returncode = 1  # its pipe not read to the end yet
+        second = ScriptedCapture([GLOBAL])
+        _, other = registry.open(("argv",), lambda: second)  # type: ignore[arg-type, return-value]
+        assert other.capture is second
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+
+
 # ---- the worker, with the fake tcpdump ----
 
 
@@ -233,3 +279,28 @@ def test_a_later_client_counts_only_what_was_captured_since_it_joined(fake: Fake
     assert 3 <= late["captured"] <= early["captured"] - 8
     # The fake reports one kernel drop on every request: both saw the same one.
     assert late["dropped_by_kernel"] == 0 and early["dropped_by_kernel"] == 1
+
+
+def test_a_client_that_stops_reading_is_cut_off_so_the_others_go_on(
+    fake: Fake, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ddump.worker")
+    with ThreadWorker(fake.path) as worker:
+        stalled = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /capture?filter=fake-flood HTTP/1.1\r\nHost: w\r\n\r\n")
+        time.sleep(0.5)  # it reads nothing: every buffer up to it fills
+        other = worker.get("/capture?filter=fake-flood")
+        started = time.monotonic()
+        got = len(other.read(4 << 20))  # flows again once the stalled client is cut off
+        waited = time.monotonic() - started
+        assert got == 4 << 20 and len(fake.pids()) == 1
+        assert TAP_STALL_S - 0.5 < waited < TAP_STALL_S + 5
+
+        def ends() -> list[str]:
+            return [r.getMessage() for r in caplog.records if " end:" in r.getMessage()]
+
+        wait_for(lambda: len(ends()) == 1)  # its response is over, the other goes on
+        assert "reason=client stalled" in ends()[0]
+        other.close()
+        stalled.close()

@@ -206,6 +206,7 @@ class CaptureHandler(TextErrorsHandler):
         if interfaces:
             self.set_header(INTERFACES_HEADER, interfaces)
         watch = asyncio.ensure_future(self._watch_client())
+        capture.on_cut_off = self._cut_while_flushing  # it stalled others sharing its tcpdump
         try:
             await self.flush()  # headers now: the client knows tcpdump listens
             while True:
@@ -220,16 +221,28 @@ class CaptureHandler(TextErrorsHandler):
             if capture.stop_reason is None and await capture.wait() not in (0, None):
                 # tcpdump died on its own: no terminating chunk, so the client sees a failure
                 # (a cut stream) rather than a capture that merely ended.
-                connection = self.request.connection
-                if isinstance(connection, HTTP1Connection):
-                    connection.close()
-                self.client_gone = True
+                self._cut()
             if not self.client_gone:
                 await self.finish()  # the terminating chunk: the client can tell a clean end
         except StreamClosedError:
             self.client_gone = True
         finally:
             watch.cancel()
+
+    def _cut(self) -> None:
+        """End the response without its terminating chunk: the client sees a failure."""
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            connection.close()
+        self.client_gone = True
+
+    def _cut_while_flushing(self) -> None:
+        # HTTP1Connection.close() forgets the future a pending flush waits for, which would
+        # then never end: closing the stream under it ends the flush, and the response.
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection):
+            connection.stream.close()
+        self.client_gone = True
 
     async def _watch_client(self) -> None:
         # Tornado sees a client leave only while nothing it sent waits unread in the buffer:

@@ -10,12 +10,15 @@ reads its pipe for all of them.
 
 A joining client gets the pcap global header, then the stream from the next record on. Clients
 of one tcpdump share its pace: the pipe is read only when every client has taken what it was
-given, so a slow one makes tcpdump wait and the kernel drop (and count) packets for all.
+given, so a slow one makes tcpdump wait and the kernel drop (and count) packets for all. But a
+client that takes nothing for TAP_STALL_S while it holds others back is cut off (its stream
+ends without the chunked terminator, so it knows): one stalled reader must not stop the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -37,6 +40,7 @@ COALESCE_S = 0.001
 # a packet is in the pipe within milliseconds of its capture.
 TAP_DRAIN_S = 0.25
 STATS_TIMEOUT_NS = NS_PER_S  # for tcpdump's counts when a client joins or leaves
+TAP_STALL_S = 2.0  # a client holding the others back this long is cut off
 
 
 class SharedCapture:
@@ -67,7 +71,9 @@ class SharedCapture:
     @property
     def joinable(self) -> bool:
         """A new client may still join: the capture is not stopping, failed or ended."""
-        return not (self._stopping or self.over or self.capture.stop_reason)
+        capture = self.capture
+        exited = capture.returncode is not None  # by itself: its pipe may not be drained yet
+        return not (self._stopping or self.over or capture.stop_reason or exited)
 
     def join(self) -> Tap:
         """A new client: from the next whole record on (everything, if nothing was read yet)."""
@@ -99,9 +105,7 @@ class SharedCapture:
         capture = self.capture
         try:
             while True:
-                while any(tap.backlog >= TAP_BACKLOG for tap in self.taps):
-                    self._room.clear()
-                    await self._room.wait()
+                await self._wait_for_room()
                 data = await capture.read()
                 if not data:
                     break
@@ -122,6 +126,26 @@ class SharedCapture:
         finally:
             for tap in self.taps:
                 tap.end()
+
+    async def _wait_for_room(self) -> None:
+        loop = asyncio.get_running_loop()
+        while full := [tap for tap in self.taps if tap.backlog >= TAP_BACKLOG]:
+            stalled = [tap for tap in full if loop.time() - tap.full_since > TAP_STALL_S]
+            if stalled and len(full) < len(self.taps):  # and some client is held back by them
+                for tap in stalled:
+                    log.warning(
+                        "a client of tcpdump %s took nothing for %.0f s while others waited: "
+                        "cut off",
+                        self.capture.pid,
+                        TAP_STALL_S,
+                    )
+                    tap.cut_off()
+                continue
+            self._room.clear()
+            stalled_since = min(tap.full_since for tap in full)
+            wait = max(0.01, stalled_since + TAP_STALL_S - loop.time() + 0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), wait)
 
     def live_taps(self, but: Tap) -> bool:
         """Some client other than `but` still reads and is not stopping."""
@@ -167,10 +191,14 @@ class Tap:
         self._start, first = join_point
         self._chunks: list[bytes] = []
         self.backlog = 0
+        self.full_since = 0.0  # loop time the backlog reached TAP_BACKLOG
+        self.on_cut_off: Callable[[], None] | None = None  # ends the client's response
         self._wake = asyncio.Event()
         self._ended = False
         self._drain_timer: object | None = None
-        self._final: TcpdumpStats | None = None
+        self._final: TcpdumpStats | None = None  # this client's counts once it stopped
+        self._final_task: asyncio.Task[None] | None = None
+        self.cut = False  # cut off: its response must end as a failure
         self._baseline: asyncio.Task[TcpdumpStats] | None = None
         if self.joined:  # tcpdump's counts so far are not this client's
             self._baseline = background(
@@ -219,6 +247,8 @@ class Tap:
         passed = self.counter.feed(data)
         if passed:
             self._chunks.append(passed)
+            if self.backlog < TAP_BACKLOG <= self.backlog + len(passed):
+                self.full_since = asyncio.get_running_loop().time()
             self.backlog += len(passed)
             self._wake.set()
         if self.counter.cut:  # past this client's stop: its stream ends here
@@ -246,6 +276,17 @@ class Tap:
         self.shared._room.set()
         return data
 
+    def cut_off(self) -> None:
+        """This client stalls the others: end its response as a failure."""
+        self.stop_reason = self.stop_reason or "client stalled"
+        self.cut = True
+        self.end()
+        self._chunks.clear()
+        self.backlog = 0
+        if self.on_cut_off is not None:
+            self.on_cut_off()
+        self.shared.leave(self, "client stalled")
+
     def stop(self, reason: str) -> None:
         """End this client's stream after what was captured until now."""
         if self.stop_reason is not None or self._ended:
@@ -255,7 +296,18 @@ class Tap:
             return
         self.stop_reason = reason
         self.counter.cutoff_ns = time.time_ns()
-        self._drain_timer = IOLoop.current().call_later(TAP_DRAIN_S, self.end)
+        self._drain_timer = IOLoop.current().call_later(TAP_DRAIN_S, self._drained)
+        self._final_task = background(self._counts_now(), f"capture-stop-counts-{self.token}")
+
+    def _drained(self) -> None:
+        self._drain_timer = None
+        if self.counter.between_records():
+            self.end()
+        else:  # a record's body is still to come: end before the next one
+            self.counter.cutoff_ns = -1
+
+    async def _counts_now(self) -> None:
+        self._final = await self.current_stats(STATS_TIMEOUT_NS)
 
     def abort(self, reason: str) -> None:
         """Nobody reads this client's stream any more."""
@@ -270,6 +322,8 @@ class Tap:
         A client leaving a tcpdump that goes on for others takes its counts until now.
         """
         others = any(t is not self for t in self.shared.taps)
+        if self._final_task is not None:  # its counts were asked for when it stopped
+            await asyncio.wait({self._final_task}, timeout=timeout_ns / NS_PER_S)
         if others and not self.shared.over and self.capture.running:
             if self._final is None:
                 self._final = await self.current_stats(STATS_TIMEOUT_NS)

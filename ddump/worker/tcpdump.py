@@ -200,6 +200,12 @@ class RecordCounter:
             self._carry_passed = len(self._carry)
         return chunk
 
+    def between_records(self) -> bool:
+        """What was passed on so far ends with a whole record (or the global header)."""
+        if self._next == self.bytes:
+            return True
+        return self._next < self.bytes and self._carry_passed == 0  # a cut header held back
+
     def next_record(self) -> tuple[int, bytes]:
         """The stream offset of the next record's header, and those of its bytes already fed."""
         return self._next, self._carry
