@@ -206,7 +206,7 @@ class CaptureHandler(TextErrorsHandler):
         if interfaces:
             self.set_header(INTERFACES_HEADER, interfaces)
         watch = asyncio.ensure_future(self._watch_client())
-        capture.on_cut_off = self._cut_while_flushing  # it stalled others sharing its tcpdump
+        capture.on_cut_off = self._cut  # it stalled others sharing its tcpdump
         try:
             await self.flush()  # headers now: the client knows tcpdump listens
             while True:
@@ -231,14 +231,8 @@ class CaptureHandler(TextErrorsHandler):
 
     def _cut(self) -> None:
         """End the response without its terminating chunk: the client sees a failure."""
-        connection = self.request.connection
-        if isinstance(connection, HTTP1Connection):
-            connection.close()
-        self.client_gone = True
-
-    def _cut_while_flushing(self) -> None:
-        # HTTP1Connection.close() forgets the future a pending flush waits for, which would
-        # then never end: closing the stream under it ends the flush, and the response.
+        # The stream, not HTTP1Connection.close(): that forgets the future a pending flush
+        # waits for (a client cut off while the worker writes to it), which would never end.
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection):
             connection.stream.close()

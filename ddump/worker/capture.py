@@ -99,7 +99,6 @@ class Capture:
         self.stop_grace_ns = stop_grace_ns
         self.abort_grace_ns = abort_grace_ns
         self.counter = RecordCounter()
-        self.relayed = 0  # bytes of tcpdump's output passed on (all, but for a stop's cut)
         self.returncode: int | None = None
         self.stop_reason: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -215,7 +214,6 @@ class Capture:
         if not data:
             return data
         passed = self.counter.feed(data)
-        self.relayed += len(passed)
         if self.counter.cut:  # past the stop's time: this is the end
             self._end_handover()
             if not passed:

@@ -198,7 +198,6 @@ class Tap:
         self._drain_timer: object | None = None
         self._final: TcpdumpStats | None = None  # this client's counts once it stopped
         self._final_task: asyncio.Task[None] | None = None
-        self.cut = False  # cut off: its response must end as a failure
         self._baseline: asyncio.Task[TcpdumpStats] | None = None
         if self.joined:  # tcpdump's counts so far are not this client's
             self._baseline = background(
@@ -279,7 +278,6 @@ class Tap:
     def cut_off(self) -> None:
         """This client stalls the others: end its response as a failure."""
         self.stop_reason = self.stop_reason or "client stalled"
-        self.cut = True
         self.end()
         self._chunks.clear()
         self.backlog = 0
