@@ -25,6 +25,9 @@ from ddump.protocol import BATCH_PARAM
 from ddump.targets import Target, parse_target, redact, unique_names
 
 PASSWORD_ENV = "DDUMP_PASSWORD"
+# Signals this close together are one stop: GNU `timeout` signals ddump and then its process
+# group, a shell may pass one Ctrl-C twice. A second Ctrl-C typed by a user comes later.
+SAME_STOP_S = 0.5
 
 
 class ExitStatus(enum.IntEnum):
@@ -93,10 +96,14 @@ def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> Non
 async def run_session(session: Session) -> bool:
     loop = asyncio.get_running_loop()
     interrupts = 0
+    last = -SAME_STOP_S
 
     def on_signal(signum: int) -> None:
-        nonlocal interrupts
-        interrupts += 1
+        nonlocal interrupts, last
+        now = loop.time()
+        if interrupts and now - last < SAME_STOP_S:
+            return  # the same stop, told twice
+        interrupts, last = interrupts + 1, now
         name = signal.Signals(signum).name
         if session.waiting_for_batches:  # stop now, still cleanly
             session.stop(name)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from ddump.targets import redact
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A time a target was not captured: from its loss until a new capture ran (or the end)."""
+
+    start_ns: int  # wall clock
+    end_ns: int | None  # None: it never came back before the session ended
+    cause: str
 
 
 @dataclass
@@ -20,7 +30,14 @@ class TargetCounts:
     late: int = 0
     dropped: int | None = None  # by the worker's kernel, as tcpdump counted (None: not known)
     dropped_unknown: int = 0  # captures (one per connection) whose counts did not come
+    dropped_while_lost: int = 0  # of those, in captures whose connection was lost (a gap)
     error: str = ""
+    gaps: list[Gap] = field(default_factory=list)
+
+    @property
+    def dropped_by_load(self) -> int:
+        """Kernel drops while the connection was fine: the capture was more than it took."""
+        return (self.dropped or 0) - self.dropped_while_lost
 
 
 class Reporter:
@@ -31,6 +48,9 @@ class Reporter:
         self.quiet = quiet
         self.verbose = verbose
         self.live = stream.isatty() and not quiet
+        # While a capture runs, each event line tells its time of day: a gap, a failure, a
+        # reconnect are then placed in the capture without guessing.
+        self.timestamps = False
         self._status_shown = False
 
     def _line(self, text: str) -> None:
@@ -38,19 +58,23 @@ class Reporter:
         self.stream.write(redact(text) + "\n")
         self.stream.flush()
 
+    def _event(self, text: str) -> None:
+        when = f"{time_of_day(time.time_ns())} " if self.timestamps else ""
+        self._line(f"ddump: {when}{text}")
+
     def info(self, text: str) -> None:
         if not self.quiet:
-            self._line(f"ddump: {text}")
+            self._event(text)
 
     def detail(self, text: str) -> None:
         if self.verbose and not self.quiet:
-            self._line(f"ddump: {text}")
+            self._event(text)
 
     def warn(self, text: str) -> None:
-        self._line(f"ddump: warning: {text}")
+        self._event(f"warning: {text}")
 
     def error(self, text: str) -> None:
-        self._line(f"ddump: {text}")
+        self._event(text)
 
     def status(self, text: str) -> None:
         if self.live:
@@ -63,9 +87,13 @@ class Reporter:
             self.stream.write("\r\x1b[K")
             self._status_shown = False
 
-    def summary(self, counts: list[TargetCounts], written: int, late: int) -> None:
+    def summary(
+        self, counts: list[TargetCounts], written: int, late: int, ended_ns: int | None = None
+    ) -> None:
+        """The figures per target; every gap with its times and cause; whether it is partial."""
         if self.quiet:
             return
+        ended_ns = time.time_ns() if ended_ns is None else ended_ns
         width = max((len(c.name) for c in counts), default=0)
         lines = [f"ddump: {written} packets written" + (f", {late} of them late" if late else "")]
         for c in counts:
@@ -75,7 +103,39 @@ class Reporter:
             if c.dropped is not None:
                 at_least = "at least " if c.dropped_unknown else ""
                 what += f", {at_least}{c.dropped} dropped by the kernel"
+                if c.dropped_while_lost:
+                    what += f" ({c.dropped_while_lost} while the connection was lost)"
             state = c.state + (f": {c.error}" if c.error else "")
             lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
+            lines += [f"  {'':<{width}}    {gap_text(gap, ended_ns)}" for gap in c.gaps]
+        partial = [c for c in counts if c.gaps]
+        if partial:
+            n = sum(len(c.gaps) for c in partial)
+            lost_s = sum(gap_ns(g, ended_ns) for c in partial for g in c.gaps) / 1e9
+            lines.append(
+                f"ddump: the capture is partial: {n} gap{'s' if n > 1 else ''}, {lost_s:.1f} s "
+                f"not captured in all ({', '.join(c.name for c in partial)})"
+            )
         for line in lines:
             self._line(line)
+
+
+def time_of_day(ns: int) -> str:
+    """`HH:MM:SS.mmm`, local time, as tcpdump prints it."""
+    seconds, rest = divmod(ns, 10**9)
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{rest // 10**6:03d}"
+
+
+def gap_ns(gap: Gap, ended_ns: int) -> int:
+    return max(0, (ended_ns if gap.end_ns is None else gap.end_ns) - gap.start_ns)
+
+
+def gap_text(gap: Gap, ended_ns: int) -> str:
+    end = "the end" if gap.end_ns is None else time_of_day(gap.end_ns)
+    # From the printed times, so that the duration is their difference to the millisecond.
+    start_ms = gap.start_ns // 10**6
+    end_ms = (ended_ns if gap.end_ns is None else gap.end_ns) // 10**6
+    return (
+        f"not captured from {time_of_day(gap.start_ns)} to {end} "
+        f"({max(0, end_ms - start_ms) / 1000:.3f} s): {gap.cause}"
+    )

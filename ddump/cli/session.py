@@ -7,15 +7,22 @@ import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ddump import records as batches
+from ddump.cli.ends import (
+    RECENT_CONNECT_TIMEOUT_S,
+    RECENT_LOSS_S,
+    UNASKED_END,
+    asked_end,
+    retry_delay,
+)
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import OutputClosed, PcapOutput
-from ddump.cli.report import Reporter, TargetCounts
-from ddump.cli.sources import Opened, StreamFailure
+from ddump.cli.report import Gap, Reporter, TargetCounts
+from ddump.cli.sources import Opened, StreamFailure, StreamStalled
 from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
@@ -38,8 +45,6 @@ if TYPE_CHECKING:
 
 TICK_S = 0.02
 STATUS_EVERY_S = 1.0
-BACKOFF_FIRST_S = 1.0
-BACKOFF_MAX_S = 30.0
 STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
 _COOKED = {LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2}  # what `tcpdump -i any` gives
@@ -75,6 +80,9 @@ class _Run:
     refused: str = ""  # why its records cannot join the output, once known
     capture_ids: list[str] = field(default_factory=list)  # one per connection (--reconnect)
     tcpdump: CaptureCounts | None = None  # tcpdump's counts, summed over its captures
+    answered: bool = False  # some capture of it ran (a 200 came)
+    capturing_since: float = 0.0  # loop time of the current capture's 200
+    lost_captures: set[str] = field(default_factory=set)  # capture ids whose stream was lost
 
 
 class Session:
@@ -113,6 +121,7 @@ class Session:
         self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.fatal: DdumpError | None = None
+        self._started_ns = time.time_ns()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -121,7 +130,10 @@ class Session:
         return task
 
     async def run(self) -> bool:
-        """Capture until every stream ends or `stop()`; True when some target failed."""
+        """Capture until every stream ends or `stop()`; True when some target failed or has
+        gaps (the capture is partial)."""
+        self._started_ns = time.time_ns()
+        self.reporter.timestamps = True
         streams = [
             self._spawn(self._stream_target(r), f"stream {r.target.name}") for r in self.runs
         ]
@@ -137,7 +149,7 @@ class Session:
             await self._finish()
         if self.fatal is not None:
             raise self.fatal
-        return any(r.failed for r in self.runs)
+        return any(r.failed or r.counts.gaps for r in self.runs)
 
     async def _finish(self) -> None:
         """Write what is buffered, in order, end the file validly, and sum up."""
@@ -160,11 +172,12 @@ class Session:
                 pass  # kept in output.error
         self._take_output_error()
         self.reporter.clear_status()
+        self.reporter.timestamps = False
         late = sum(s.late for s in self.merger.streams)
         for r in self.runs:
             r.counts.late = self.merger.streams[r.index].late
         written = self.output.records
-        self.reporter.summary([r.counts for r in self.runs], written, late)
+        self.reporter.summary([r.counts for r in self.runs], written, late, time.time_ns())
 
     async def _collect_tcpdump_counts(self) -> None:
         """Ask each worker for tcpdump's counts: its kernel drops are packets nobody will see."""
@@ -188,7 +201,7 @@ class Session:
         for task in late:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
-        for (run, target, _), task in zip(asks, tasks, strict=True):
+        for (run, target, capture_id), task in zip(asks, tasks, strict=True):
             error = "no answer in time" if task in late else task.exception()
             if error is not None:
                 run.counts.dropped_unknown += 1
@@ -201,15 +214,27 @@ class Session:
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
             run.counts.dropped = run.tcpdump.dropped
+            if capture_id in run.lost_captures:
+                run.counts.dropped_while_lost += answer.dropped or 0
         self._warn_of_drops()
 
     def _warn_of_drops(self) -> None:
-        dropped = [r.counts for r in self.runs if r.counts.dropped]
+        lost = [r.counts for r in self.runs if r.counts.dropped_while_lost]
+        if lost:
+            # tcpdump blocked behind the dead connection: these are the gaps' packets, not
+            # a sign of load, and capturing less would not have saved them.
+            where = ", ".join(f"{c.name}: {c.dropped_while_lost}" for c in lost)
+            self.reporter.warn(
+                f"{sum(c.dropped_while_lost for c in lost)} packets were dropped by the kernel "
+                f"while their connection was lost ({where}): tcpdump waited for it to take "
+                "them; they are part of the gaps below"
+            )
+        dropped = [c for r in self.runs if (c := r.counts).dropped and c.dropped_by_load]
         if not dropped:
             return
-        total = sum(c.dropped or 0 for c in dropped)
+        total = sum(c.dropped_by_load for c in dropped)
         at_least = "at least " if any(c.dropped_unknown for c in dropped) else ""
-        where = ", ".join(f"{c.name}: {c.dropped}" for c in dropped)
+        where = ", ".join(f"{c.name}: {c.dropped_by_load}" for c in dropped)
         self.reporter.warn(
             f"{at_least}{total} packets were dropped by the kernel before tcpdump could take "
             f"them ({where}): capture less (-s 200, a narrower filter), use --batch if a "
@@ -283,15 +308,20 @@ class Session:
         self.output.wake_all()  # streams waiting for room must see the close
 
     async def _stream_target(self, run: _Run) -> None:
-        backoff = BACKOFF_FIRST_S
+        delay: float | None = None
+        lost_at: float | None = None  # loop time its last capture was lost
+        loop = asyncio.get_running_loop()
         while not self.stopping:
             run.parser = PcapStreamParser()
             run.linktype = None
             run.opened = None
             run.stream = self._open(run.target)
+            if lost_at is not None and loop.time() - lost_at < RECENT_LOSS_S:
+                self._connect_soon(run)
+            packets = run.counts.packets
             try:
                 await run.stream.run(
-                    lambda opened: self._on_opened(run, opened),
+                    lambda opened: self._reopened(run, opened),
                     lambda chunk: self._on_data(run, chunk),
                 )
                 if run.refused:
@@ -299,6 +329,7 @@ class Session:
                 if self.stopping:
                     break
                 self._end_of_body(run)
+                self._check_end(run, run.counts.packets - packets)
                 run.counts.state = "ended"
                 if isinstance(run.target, Target):
                     self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
@@ -306,31 +337,92 @@ class Session:
             except StreamFailure as exc:
                 if self.stopping and not run.failed:
                     break
-                self._failed(run, str(exc))
+                self._failed(run, str(exc), exc.silent_ns if isinstance(exc, StreamStalled) else 0)
             except Exception as exc:  # a bug must cost one target, not the whole capture
                 self._failed(run, f"internal error: {type(exc).__name__}: {exc}")
             if not self.settings.reconnect or self.stopping:
                 break
-            if run.opened is not None:  # it had connected: start the backoff again
-                backoff = BACKOFF_FIRST_S
+            just_lost = run.opened is not None  # it was capturing: a restart or a blip?
+            if just_lost:
+                lost_at = loop.time()
+            since = None if lost_at is None else loop.time() - lost_at
+            delay, previous = retry_delay(delay, since, just_lost), delay
             run.counts.state = "retrying"
-            self.reporter.info(f"{run.target.name}: retrying in {backoff:g} s")
+            say = self.reporter.detail if delay == previous else self.reporter.info
+            say(f"{run.target.name}: retrying in {delay:g} s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await asyncio.wait_for(self._stop_event.wait(), delay)
         if self.stopping and run.counts.state in ("capturing", "connecting", "retrying"):
-            run.counts.state = "stopped"
+            if isinstance(run.target, Target) and not run.answered:
+                # It never captured: whatever the stop, its part of the capture is missing.
+                if not run.failed:
+                    self._failed(run, self._never_answered(run))
+                run.counts.state = "failed"
+            else:
+                run.counts.state = "stopped"
         self.merger.end_stream(run.index)
         self._release()
         if all(s.live is False for s in self.merger.streams):
             self._stop_event.set()
 
-    def _failed(self, run: _Run, message: str) -> None:
+    def _connect_soon(self, run: _Run) -> None:
+        # Retrying a target that was healthy moments ago: an attempt begun while its link was
+        # down must not wait out TCP's SYN backoff once the link is back.
+        from ddump.cli.stream import CaptureStream
+
+        if isinstance(run.stream, CaptureStream):
+            timeout = min(run.stream.connect_timeout_s, RECENT_CONNECT_TIMEOUT_S)
+            run.stream.connect_timeout_s = timeout
+
+    def _never_answered(self, run: _Run) -> str:
+        from ddump.cli.stream import CaptureStream
+
+        if isinstance(run.stream, CaptureStream) and run.stream.connected:
+            return "never answered: it took the connection, but no HTTP response came"
+        return "never connected before the capture stopped"
+
+    def _check_end(self, run: _Run, packets: int) -> None:
+        """A worker's capture may end only as its URL asked (count, duration): else it failed."""
+        if not isinstance(run.target, Target):
+            return  # a file's or a pipe's end is the end of its capture
+        elapsed_ns = int((asyncio.get_running_loop().time() - run.capturing_since) * 1e9)
+        if not asked_end(run.target.url).reached(packets, elapsed_ns):
+            raise StreamFailure(UNASKED_END)
+
+    def _reopened(self, run: _Run, opened: Opened) -> None:
+        """A capture of the target runs (again): the gap before it, if any, ends now."""
+        failed, error = run.failed, run.counts.error
+        self._on_opened(run, opened)
+        run.capturing_since = asyncio.get_running_loop().time()
+        now = time.time_ns()
+        gaps = run.counts.gaps
+        if gaps and gaps[-1].end_ns is None:
+            gaps[-1] = replace(gaps[-1], end_ns=now)
+            lost_s = (now - gaps[-1].start_ns) / 1e9
+            self.reporter.info(f"{run.target.name}: back after {lost_s:.1f} s not captured")
+        elif failed and not run.answered and isinstance(run.target, Target):
+            # It failed at first: it was not captured from the start until now.
+            gaps.append(Gap(self._started_ns, now, error))
+        run.answered = True
+
+    def _failed(self, run: _Run, message: str, silent_ns: int = 0) -> None:
+        if (
+            isinstance(run.target, Target)
+            and run.opened is not None
+            and not (run.counts.gaps and run.counts.gaps[-1].end_ns is None)
+        ):
+            # A capture was running: what the worker captured from the moment the stream went
+            # silent until a new capture runs never reaches us.
+            run.counts.gaps.append(Gap(time.time_ns() - silent_ns, None, message))
+            if run.opened.capture_id is not None:
+                run.lost_captures.add(run.opened.capture_id)
+        # Retrying, the same failure again and again is said once (-v: each time).
+        again = run.failed and message == run.counts.error
         run.failed = True
         self.merger.start_stream(run.index, run.clock_offset_ns)
         run.counts.state = "failed"
         run.counts.error = message
-        self.reporter.error(f"{run.target.name}: {message}")
+        (self.reporter.detail if again else self.reporter.error)(f"{run.target.name}: {message}")
 
     def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
         if isinstance(target, FileSource):

@@ -15,6 +15,14 @@ class StreamFailure(DdumpError):
     """The stream failed; the message says why, for the user."""
 
 
+class StreamStalled(StreamFailure):
+    """The connection went dead: nothing came back from the peer for `silent_ns`."""
+
+    def __init__(self, message: str, silent_ns: int) -> None:
+        super().__init__(message)
+        self.silent_ns = silent_ns
+
+
 @dataclass(frozen=True)
 class Opened:
     """What the response headers told us."""

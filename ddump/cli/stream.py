@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable
@@ -27,7 +29,13 @@ from tornado.tcpclient import TCPClient
 
 from ddump import __version__
 from ddump.cli.chunked import ChunkedDecoder, ChunkedError
-from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
+from ddump.cli.sources import (
+    DataCallback,
+    Opened,
+    OpenedCallback,
+    StreamFailure,
+    StreamStalled,
+)
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import (
     BATCH_PARAM,
@@ -46,6 +54,15 @@ MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
 HEADER_GRACE_S = 10.0
 _CAPTURE_ID = re.compile(r"[A-Za-z0-9_-]+")
+# A dead peer or a cut link must show within seconds, also while the filter matches nothing.
+# The kernel probes a connection idle for KEEPALIVE_IDLE_S; the worker's kernel answers while
+# its host is up and reachable, so a quiet capture is never taken for a dead one. Once nothing
+# has come back for STALL_TIMEOUT_S (TCP_USER_TIMEOUT), the connection fails with ETIMEDOUT.
+# We send nothing after the request, so the timeout never cuts a peer that is slow to read.
+KEEPALIVE_IDLE_S = 2
+KEEPALIVE_INTERVAL_S = 1
+KEEPALIVE_PROBES = 3
+STALL_TIMEOUT_S = 5
 
 
 @dataclass
@@ -89,6 +106,12 @@ class CaptureStream:
         except iostream.StreamClosedError as exc:
             if self._closing:
                 return
+            if isinstance(exc.real_error, OSError) and exc.real_error.errno == errno.ETIMEDOUT:
+                raise StreamStalled(
+                    f"connection stalled: nothing came back from the worker's host for "
+                    f"{STALL_TIMEOUT_S} s (host down, or the network to it cut)",
+                    STALL_TIMEOUT_S * 10**9,
+                ) from None
             raise StreamFailure(_closed_reason(exc, response, tls)) from None
         except TimeoutError:
             raise StreamFailure(
@@ -101,6 +124,11 @@ class CaptureStream:
             raise StreamFailure(_http_error(response))
         if self._closing:
             return
+
+    @property
+    def connected(self) -> bool:
+        """Whether the TCP (and TLS) connection was made."""
+        return self._stream is not None
 
     def close(self) -> None:
         """Stop streaming now (the worker sees the connection close and stops tcpdump)."""
@@ -141,6 +169,7 @@ class CaptureStream:
             stream.close()
             return None
         stream.set_nodelay(True)
+        _detect_stalls(stream.socket)
         self._stream = stream
         return stream
 
@@ -204,6 +233,16 @@ class CaptureStream:
                 _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
             ):
                 await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+
+
+def _detect_stalls(sock: socket.socket) -> None:
+    """Keepalive probes and a user timeout: see STALL_TIMEOUT_S."""
+    with contextlib.suppress(OSError, AttributeError):  # not TCP (a test's unix socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, STALL_TIMEOUT_S * 1000)
 
 
 def _capture_id(value: str) -> str | None:
