@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import ssl
 import struct
 import subprocess
@@ -22,6 +23,9 @@ from tests.test_pcapng import walk
 
 # An hour ahead: records are held until every stream has spoken, whatever the tests' pace.
 T0 = (time.time_ns() // 1000 + 3600 * 10**6) * 1000
+# A scripted capture that ends by itself must have been asked to: a worker's end that was
+# not asked for (it stopped, it restarted) is a failure of the target.
+COUNT = "/capture?count=%d"
 
 
 @dataclass
@@ -68,7 +72,8 @@ def test_two_streams_merge_in_timestamp_order(tmp_path: Path) -> None:
         wa,
         wb,
     ):
-        result = ddump(wa.url(), wb.url(), tmp_path=tmp_path)
+        # count=4: each capture ends as asked (an end nobody asked for fails a target).
+        result = ddump(wa.url(COUNT % 4), wb.url(COUNT % 4), tmp_path=tmp_path)
 
     assert result.status == 0, result.stderr
     assert [ts - T0 for ts, _ in result.records()] == [10, 20, 30, 40, 50, 60, 70, 80]
@@ -85,7 +90,7 @@ def test_output_is_read_by_tcpdump(tmp_path: Path) -> None:
     udp = udp[:4] + (8 + 8).to_bytes(2, "big") + udp[6:]
     body = pcap_stream([(T0 + 5, sll2_packet(ip + udp))])
     with fake_workers({"/capture": Script(body=[body])}) as (w,):
-        result = ddump(w.url(), tmp_path=tmp_path)
+        result = ddump(w.url(COUNT % 1), tmp_path=tmp_path)
     out = subprocess.run(
         [tcpdump, "-nn", "-r", str(tmp_path / "out.pcap")], capture_output=True, text=True
     )
@@ -104,7 +109,7 @@ def test_micro_big_endian_and_sll_inputs_are_merged_losslessly(tmp_path: Path) -
         wo,
         wn,
     ):
-        result = ddump(wo.url(), wn.url(), tmp_path=tmp_path)
+        result = ddump(wo.url(COUNT % 1), wn.url(COUNT % 2), tmp_path=tmp_path)
 
     header = PcapHeader.parse(result.pcap[:24])
     assert result.status == 0, result.stderr
@@ -221,7 +226,7 @@ def test_password_is_never_printed(tmp_path: Path) -> None:
 def test_basic_auth_with_the_right_password_streams(tmp_path: Path) -> None:
     body = pcap_stream(numbered("auth", [1]))
     with fake_workers({"/capture": Script(body=[body])}, basic_auth=("ops", "p@ss:w/rd")) as (w,):
-        url = w.url().replace("http://", "http://ops:p%40ss%3Aw%2Frd@")
+        url = w.url(COUNT % 1).replace("http://", "http://ops:p%40ss%3Aw%2Frd@")
         result = ddump(url, tmp_path=tmp_path)
 
     assert result.status == 0, result.stderr
@@ -247,8 +252,8 @@ def test_https_with_ca_option_and_with_ssl_cert_file(tmp_path: Path, pki: Pki) -
     with fake_workers(
         {"/capture": Script(body=[body])}, ssl_context=server_context(pki, require_client=False)
     ) as (w,):
-        by_flag = ddump("-ca", str(pki.ca), w.url(), tmp_path=tmp_path)
-        by_env = ddump(w.url(), tmp_path=tmp_path, env={"SSL_CERT_FILE": str(pki.ca)})
+        by_flag = ddump("-ca", str(pki.ca), w.url(COUNT % 1), tmp_path=tmp_path)
+        by_env = ddump(w.url(COUNT % 1), tmp_path=tmp_path, env={"SSL_CERT_FILE": str(pki.ca)})
 
     assert by_flag.status == 0, by_flag.stderr
     assert by_env.status == 0, by_env.stderr
@@ -275,7 +280,7 @@ def test_mutual_tls(tmp_path: Path, pki: Pki) -> None:
         wrong = ddump("--ca", str(pki.ca), *wrong_pair, w.url(), tmp_path=tmp_path)
         right = ddump(
             "--ca", str(pki.ca), "-cert", str(pki.client.cert), "-key", str(pki.client.key),
-            w.url(), tmp_path=tmp_path,
+            w.url(COUNT % 1), tmp_path=tmp_path,
         )  # fmt: skip
 
     assert without.status == 1 and "TLS" in without.stderr
@@ -359,7 +364,7 @@ def _interrupted_batch_capture(tmp_path: Path, interrupts: int) -> tuple[int, by
         time.sleep(0.3)
         for _ in range(interrupts):
             proc.send_signal(2)
-            time.sleep(0.1)
+            time.sleep(0.6)  # signals closer together are one stop
         _, err = proc.communicate(timeout=10)
     parser = PcapStreamParser()
     return proc.returncode, err, [d[36:] for _, d in parser.feed(out.read_bytes())]
@@ -403,11 +408,14 @@ def test_reconnect_retries_a_failed_target(tmp_path: Path) -> None:
     body = pcap_stream(numbered("again", [1, 2]))
     scripts = [Script(status=503, body=[b"too many captures\n"]), Script(body=[body])]
     with fake_workers({"/capture": scripts}) as (w,):
-        result = ddump("--reconnect", "-c", "2", w.url(), tmp_path=tmp_path)
+        result = ddump("--reconnect", "-c", "2", w.url(COUNT % 2), tmp_path=tmp_path)
 
-    assert result.status == 0, result.stderr
     assert "HTTP 503" in result.stderr and "retrying in 1 s" in result.stderr
     assert result.payloads() == [b"again-0@1", b"again-1@2"]
+    # Its capture began a second late: the capture is partial, and says so.
+    assert result.status == 1, result.stderr
+    gap = r"not captured from [\d:.]+ to [\d:.]+ \(1\.\d+ s\): HTTP 503"
+    assert re.search(gap, result.stderr), result.stderr
 
 
 def test_ten_targets_connect_concurrently(tmp_path: Path) -> None:
@@ -417,7 +425,7 @@ def test_ten_targets_connect_concurrently(tmp_path: Path) -> None:
     ]
     with fake_workers(*scripts) as workers:
         started = time.monotonic()
-        result = ddump(*(w.url() for w in workers), tmp_path=tmp_path)
+        result = ddump(*(w.url(COUNT % 1) for w in workers), tmp_path=tmp_path)
         elapsed = time.monotonic() - started
 
     assert result.status == 0, result.stderr
@@ -432,7 +440,14 @@ def test_status_line_on_a_terminal(tmp_path: Path) -> None:
     with fake_workers({"/capture": Script(body=[body, 1.5])}) as (w,):
         leader, follower = pty.openpty()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ddump.cli.main", "-w", str(tmp_path / "o.pcap"), w.url()],
+            [
+                sys.executable,
+                "-m",
+                "ddump.cli.main",
+                "-w",
+                str(tmp_path / "o.pcap"),
+                w.url(COUNT % 1),
+            ],
             stderr=follower,
             stdin=subprocess.DEVNULL,
         )
@@ -499,7 +514,7 @@ def test_second_sigint_exits_at_once_even_with_a_stalled_reader() -> None:
         )
         time.sleep(2)
         proc.send_signal(2)  # the first waits (bounded) for the reader to take what is buffered
-        time.sleep(0.3)
+        time.sleep(0.6)  # a second Ctrl-C sooner would be the same one, told twice
         started = time.monotonic()
         proc.send_signal(2)
         status = proc.wait(timeout=10)
@@ -602,7 +617,7 @@ def test_a_quiet_stdin_does_not_freeze_the_session(tmp_path: Path) -> None:
 def test_password_for_a_url_user_comes_from_the_environment(tmp_path: Path) -> None:
     body = pcap_stream(numbered("env", [1]))
     with fake_workers({"/capture": Script(body=[body])}, basic_auth=("ops", "from-env")) as (w,):
-        url = w.url().replace("http://", "http://ops@")
+        url = w.url(COUNT % 1).replace("http://", "http://ops@")
         result = ddump(url, tmp_path=tmp_path, env={"DDUMP_PASSWORD": "from-env"})
 
     assert result.status == 0, result.stderr
@@ -645,9 +660,10 @@ def test_a_target_that_never_answers_holds_the_output_only_briefly(tmp_path: Pat
         elapsed = time.monotonic() - started
     blackhole.close()
 
-    assert result.status == 0, result.stderr
     assert result.payloads() == [b"first"]
     assert elapsed < 8, "the silent target held the output until its timeout"
+    assert result.status == 1, result.stderr  # it captured nothing: it failed
+    assert f"127.0.0.1:{port}: never answered" in result.stderr
 
 
 # ---- tcpdump's counts, asked of each worker at the end ----
@@ -661,10 +677,11 @@ def test_kernel_drops_the_workers_report_are_summed_up_and_warned_about(tmp_path
         "/capture/stats": Script(body=[stats]),
     }
     with fake_workers(routes, basic_auth=("ops", "pw")) as (w,):
-        url = w.url().replace("http://", "http://ops:pw@")
+        url = w.url(COUNT % 2).replace("http://", "http://ops:pw@")
         result = ddump(url, "--format", "pcapng", tmp_path=tmp_path)
     assert result.status == 0, result.stderr
     assert w.uris[-1] == "/capture/stats?id=cap-1_A"
+    assert "-s 200" in result.stderr  # what to do, for drops of a capture that ran well
     assert w.requests[-1][1]["Authorization"] == w.requests[0][1]["Authorization"]
     assert "2 packets, " in result.stderr and "7 dropped by the kernel" in result.stderr
     assert "warning: 7 packets were dropped by the kernel" in result.stderr
@@ -681,11 +698,11 @@ def test_a_worker_without_counts_leaves_the_summary_without_drops(tmp_path: Path
         ),
         fake_workers({"/capture": Script(body=[body])}) as (older,),
     ):
-        result = ddump("-v", old.url(), older.url(), tmp_path=tmp_path)
+        result = ddump("-v", old.url(COUNT % 1), older.url(COUNT % 1), tmp_path=tmp_path)
     assert result.status == 0, result.stderr
     assert "dropped" not in result.stderr.replace("no drop counts", "")
     assert "no drop counts from the worker: HTTP 404" in result.stderr
-    assert old.uris[-1] == "/capture/stats?id=x1" and older.uris == ["/capture"]
+    assert old.uris[-1] == "/capture/stats?id=x1" and older.uris == ["/capture?count=1"]
 
 
 def test_drops_of_some_captures_only_are_a_lower_bound_not_a_total(tmp_path: Path) -> None:
@@ -699,7 +716,7 @@ def test_drops_of_some_captures_only_are_a_lower_bound_not_a_total(tmp_path: Pat
     stats = b'{"running": false, "captured": 1, "received": 3, "dropped_by_kernel": 7}'
     answers = [Script(status=404, body=[b"no such capture\n"]), Script(body=[stats])]
     with fake_workers({"/capture": captures, "/capture/stats": answers}) as (w,):
-        result = ddump("--reconnect", "--format", "pcapng", w.url(), tmp_path=tmp_path)
+        result = ddump("--reconnect", "--format", "pcapng", w.url(COUNT % 1), tmp_path=tmp_path)
     assert sorted(w.uris[-2:]) == ["/capture/stats?id=one", "/capture/stats?id=two"]
     assert "at least 7 dropped by the kernel" in result.stderr
     assert "warning: at least 7 packets were dropped" in result.stderr
@@ -749,7 +766,7 @@ def test_a_refused_target_whose_stream_already_ended_is_reported(tmp_path: Path)
         wa,
         wb,
     ):
-        result = ddump("--max-delay", "2", wa.url(), wb.url(), tmp_path=tmp_path)
+        result = ddump("--max-delay", "2", wa.url(COUNT % 1), wb.url(COUNT % 3), tmp_path=tmp_path)
     assert result.status == 1
     assert f"127.0.0.1:{wb.port}: its link type RAW (101) cannot be merged" in result.stderr
     assert result.payloads() == [b"a-0@100"]
@@ -874,7 +891,7 @@ def test_a_slow_sll2_target_still_gets_sll2_output(tmp_path: Path) -> None:
         wa,
         wb,
     ):
-        result = ddump(wa.url(), wb.url(), tmp_path=tmp_path)
+        result = ddump(wa.url(COUNT % 1), wb.url(COUNT % 1), tmp_path=tmp_path)
     assert result.status == 0, result.stderr
     assert PcapHeader.parse(result.pcap[:24]).linktype == 276
     assert [ts - T0 for ts, _ in result.records()] == [1, 2]

@@ -290,8 +290,8 @@ def test_two_sigints_at_once_are_one_stop_that_writes_everything(tmp_path: Path)
     with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
         # GNU timeout signals ddump, then its whole process group: two SIGINTs back to back.
         proc = subprocess.run(
-            [timeout, "--preserve-status", "-s", "INT", "2", sys.executable, "-m", "ddump.cli.main", "-w", str(out),
-             w.url()],
+            [timeout, "--preserve-status", "-s", "INT", "2",
+             sys.executable, "-m", "ddump.cli.main", "-w", str(out), w.url()],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

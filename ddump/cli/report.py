@@ -30,14 +30,14 @@ class TargetCounts:
     late: int = 0
     dropped: int | None = None  # by the worker's kernel, as tcpdump counted (None: not known)
     dropped_unknown: int = 0  # captures (one per connection) whose counts did not come
-    dropped_while_lost: int = 0  # of those, in captures whose connection was lost (a gap)
+    dropped_while_stalled: int = 0  # of those, in captures whose connection stalled (a gap)
     error: str = ""
     gaps: list[Gap] = field(default_factory=list)
 
     @property
     def dropped_by_load(self) -> int:
         """Kernel drops while the connection was fine: the capture was more than it took."""
-        return (self.dropped or 0) - self.dropped_while_lost
+        return (self.dropped or 0) - self.dropped_while_stalled
 
 
 class Reporter:
@@ -103,8 +103,8 @@ class Reporter:
             if c.dropped is not None:
                 at_least = "at least " if c.dropped_unknown else ""
                 what += f", {at_least}{c.dropped} dropped by the kernel"
-                if c.dropped_while_lost:
-                    what += f" ({c.dropped_while_lost} while the connection was lost)"
+                if c.dropped_while_stalled:
+                    what += f" ({c.dropped_while_stalled} while the connection was lost)"
             state = c.state + (f": {c.error}" if c.error else "")
             lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
             lines += [f"  {'':<{width}}    {gap_text(gap, ended_ns)}" for gap in c.gaps]

@@ -82,7 +82,7 @@ class _Run:
     tcpdump: CaptureCounts | None = None  # tcpdump's counts, summed over its captures
     answered: bool = False  # some capture of it ran (a 200 came)
     capturing_since: float = 0.0  # loop time of the current capture's 200
-    lost_captures: set[str] = field(default_factory=set)  # capture ids whose stream was lost
+    stalled_captures: set[str] = field(default_factory=set)  # capture ids whose connection stalled
 
 
 class Session:
@@ -214,19 +214,19 @@ class Session:
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
             run.counts.dropped = run.tcpdump.dropped
-            if capture_id in run.lost_captures:
-                run.counts.dropped_while_lost += answer.dropped or 0
+            if capture_id in run.stalled_captures:
+                run.counts.dropped_while_stalled += answer.dropped or 0
         self._warn_of_drops()
 
     def _warn_of_drops(self) -> None:
-        lost = [r.counts for r in self.runs if r.counts.dropped_while_lost]
+        lost = [r.counts for r in self.runs if r.counts.dropped_while_stalled]
         if lost:
             # tcpdump blocked behind the dead connection: these are the gaps' packets, not
             # a sign of load, and capturing less would not have saved them.
-            where = ", ".join(f"{c.name}: {c.dropped_while_lost}" for c in lost)
+            where = ", ".join(f"{c.name}: {c.dropped_while_stalled}" for c in lost)
             self.reporter.warn(
-                f"{sum(c.dropped_while_lost for c in lost)} packets were dropped by the kernel "
-                f"while their connection was lost ({where}): tcpdump waited for it to take "
+                f"{sum(c.dropped_while_stalled for c in lost)} packets were dropped by the kernel "
+                f"while their connection was stalled ({where}): tcpdump waited for it to take "
                 "them; they are part of the gaps below"
             )
         dropped = [c for r in self.runs if (c := r.counts).dropped and c.dropped_by_load]
@@ -414,8 +414,8 @@ class Session:
             # A capture was running: what the worker captured from the moment the stream went
             # silent until a new capture runs never reaches us.
             run.counts.gaps.append(Gap(time.time_ns() - silent_ns, None, message))
-            if run.opened.capture_id is not None:
-                run.lost_captures.add(run.opened.capture_id)
+            if silent_ns and run.opened.capture_id is not None:
+                run.stalled_captures.add(run.opened.capture_id)
         # Retrying, the same failure again and again is said once (-v: each time).
         again = run.failed and message == run.counts.error
         run.failed = True
