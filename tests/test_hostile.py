@@ -582,7 +582,7 @@ def test_caplen_over_a_small_snaplen_but_within_the_maximum_is_kept_whole(
     libpcap does; it is written whole, and the output's snaplen (262144) covers it."""
     small = PcapHeader(linktype=276, snaplen=64).to_bytes()
     with fake_workers({"/capture": Script(body=[small + good_records(b"x" * 200)])}) as (fake,):
-        run = run_ddump(fake.url(), tmp_path)
+        run = run_ddump(fake.url("/capture?count=1"), tmp_path)  # it ends as asked
 
     assert run.status == 0, run.stderr
     assert run.payloads() == [b"x" * 200]
@@ -688,8 +688,9 @@ def test_error_response_that_never_ends_is_reported_without_waiting(tmp_path: Pa
 
 
 def test_filter_with_crlf_cannot_inject_request_headers(tmp_path: Path) -> None:
-    with fake_workers({"/capture": Script(body=[HEADER])}) as (fake,):
-        run = run_ddump(fake.url(), tmp_path, "--filter", "icmp\r\nX-Injected: yes\r\n")
+    with fake_workers({"/capture": Script(body=[HEADER], end="hang")}) as (fake,):
+        injection = "icmp\r\nX-Injected: yes\r\n"
+        run = run_ddump(fake.url(), tmp_path, "--filter", injection, duration="0.5")
 
     assert run.status == 0, run.stderr
     _, headers = fake.requests[-1]
