@@ -38,9 +38,11 @@ examples:
   ddump web-1.pcap web-2.pcap -w merged.pcap
 
 exit status:
-  0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
-     closed output)
-  1  at least one target failed (the others were still merged), or the output failed
+  0  the capture is whole: every stream ended as asked (its count or duration), or the
+     capture was stopped (Ctrl-C, -c, --duration, closed output) while all were capturing
+  1  the capture is partial: a target failed, never answered, or was not captured for a
+     while (a gap, even one --reconnect closed; the summary gives its times), or the
+     output failed
   2  bad usage: options, URLs, inventory or TLS files; nothing was started
   130  a Ctrl-C after the stop had begun ended ddump at once (with batch targets: after
        the wait for their last blocks; a Ctrl-C during that wait ends it cleanly)
@@ -219,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     connection.add_argument(
         "--reconnect",
         action="store_true",
-        help="retry a target that fails, with backoff (1 s doubling to 30 s, back to 1 s "
-        "once it connects); a target that ends normally is not retried",
+        help="retry a target that fails: 0.25 s after a running capture was lost, then every "
+        "0.5 s for 15 s; else with backoff (1 s doubling to 30 s). A target that ends as "
+        "asked (its count or duration) is not retried; each gap is in the summary",
     )
 
     tls = parser.add_argument_group(
