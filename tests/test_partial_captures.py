@@ -334,3 +334,24 @@ def test_a_stop_while_the_packets_wait_is_not_a_gap(tmp_path: Path) -> None:
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "[stopped]" in proc.stderr and "partial" not in proc.stderr
+
+
+def test_a_worker_ends_the_quiet_capture_of_a_client_it_can_no_longer_reach(
+    fleet: Fleet,
+) -> None:
+    host = fleet.hosts[0]
+    with start_worker(host) as worker:
+        client = socket.create_connection((host.address, PORT), timeout=10)
+        query = quote("udp port 5999")  # nothing matches: nothing is written to the client
+        client.sendall(f"GET /capture?filter={query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        subprocess.run(["ip", "-n", fleet.bridge_ns, "link", "set", "p1", "down"], check=True)
+        cut = time.monotonic()
+        try:
+            ended = worker.wait_log(" end:", timeout=35)
+            took = time.monotonic() - cut
+        finally:
+            subprocess.run(["ip", "-n", fleet.bridge_ns, "link", "set", "p1", "up"], check=True)
+            client.close()
+    assert "reason=client closed" in ended, ended
+    assert took < 30, "keepalive probes find a client that is gone"

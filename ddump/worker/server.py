@@ -8,8 +8,10 @@ once, before it costs anything but its descriptor for that moment.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
+import socket
 import time
 from typing import Any
 
@@ -22,6 +24,14 @@ DEFAULT_MAX_CONNECTIONS = 1000
 FDS_PER_CAPTURE = 6  # its client's socket, two pipes, a pidfd, and some room
 FDS_KEPT = 64  # the listening sockets, logs, the event loop's own, a tcpdump --version probe
 REFUSED_LOG_EVERY_S = 10.0
+# A client whose host died, or whose network was cut, while its capture matches nothing would
+# keep tcpdump running forever: nothing is written, so nothing fails. Keepalive probes find it
+# (KEEPALIVE_IDLE_S + KEEPALIVE_PROBES x KEEPALIVE_INTERVAL_S, about 20 s) and the capture's
+# client check sees the dead socket. No TCP_USER_TIMEOUT here: Linux applies it to a client
+# that is alive but reads slowly (a zero window) too, and such a client is served, not cut.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_PROBES = 5
 
 
 def default_max_connections(max_captures: int) -> int:
@@ -57,8 +67,17 @@ class BoundedHTTPServer(HTTPServer):
                 )
             return
         self.open_connections += 1
+        _keepalive(stream.socket)
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn: object) -> None:
         self.open_connections -= 1
         super().on_close(server_conn)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # a unix socket has no TCP options
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
