@@ -104,7 +104,7 @@ class Reporter:
                 at_least = "at least " if c.dropped_unknown else ""
                 what += f", {at_least}{c.dropped} dropped by the kernel"
                 if c.dropped_while_stalled:
-                    what += f" ({c.dropped_while_stalled} while the connection was lost)"
+                    what += f" ({c.dropped_while_stalled} behind a stalled connection)"
             state = c.state + (f": {c.error}" if c.error else "")
             lines.append(f"  {c.name:<{width}}  {what}  [{state}]")
             lines += [f"  {'':<{width}}    {gap_text(gap, ended_ns)}" for gap in c.gaps]

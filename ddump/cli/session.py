@@ -221,13 +221,14 @@ class Session:
     def _warn_of_drops(self) -> None:
         lost = [r.counts for r in self.runs if r.counts.dropped_while_stalled]
         if lost:
-            # tcpdump blocked behind the dead connection: these are the gaps' packets, not
-            # a sign of load, and capturing less would not have saved them.
+            # Their tcpdump was blocked behind the dead connection until the worker noticed
+            # it: no sign of load, and capturing less would not have saved them. (They may
+            # outnumber the gap's packets: that tcpdump can outlive the gap.)
             where = ", ".join(f"{c.name}: {c.dropped_while_stalled}" for c in lost)
             self.reporter.warn(
                 f"{sum(c.dropped_while_stalled for c in lost)} packets were dropped by the kernel "
-                f"while their connection was stalled ({where}): tcpdump waited for it to take "
-                "them; they are part of the gaps below"
+                f"for captures whose connection stalled ({where}): their tcpdump was blocked "
+                "behind it, which is no sign of load; what the capture lacks is the gap below"
             )
         dropped = [c for r in self.runs if (c := r.counts).dropped and c.dropped_by_load]
         if not dropped:
