@@ -372,8 +372,7 @@ class Session:
         from ddump.cli.stream import CaptureStream
 
         if isinstance(run.stream, CaptureStream):
-            timeout = min(run.stream.connect_timeout_s, RECENT_CONNECT_TIMEOUT_S)
-            run.stream.connect_timeout_s = timeout
+            run.stream.retry_quickly(RECENT_CONNECT_TIMEOUT_S)
 
     def _never_answered(self, run: _Run) -> str:
         from ddump.cli.stream import CaptureStream

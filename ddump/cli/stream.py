@@ -87,6 +87,12 @@ class CaptureStream:
         self._stream: iostream.IOStream | None = None
         self._connecting: asyncio.Future[iostream.IOStream] | None = None
         self._closing = False
+        self.quick_retry = False  # connect_timeout_s was shortened: see retry_quickly()
+
+    def retry_quickly(self, timeout_s: float) -> None:
+        """Connect within at most `timeout_s`: the target was capturing moments ago."""
+        self.connect_timeout_s = min(self.connect_timeout_s, timeout_s)
+        self.quick_retry = True
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
         """Stream the capture; return when the worker ends it, raise StreamFailure otherwise.
@@ -160,8 +166,9 @@ class CaptureStream:
             raise StreamFailure(f"TLS handshake failed: {_ssl_reason(exc)}") from None
         except TimeoutError:
             hint = "; with https, is the target plain http?" if tls else ""
+            why = "a quick retry" if self.quick_retry else "--connect-timeout"
             raise StreamFailure(
-                f"no connection within {self.connect_timeout_s:g} s (--connect-timeout{hint})"
+                f"no connection within {self.connect_timeout_s:g} s ({why}{hint})"
             ) from None
         except OSError as exc:
             raise StreamFailure(_connect_error(exc)) from None
