@@ -113,11 +113,13 @@ async def run_session(session: Session) -> bool:
         session.output.close()  # in the loop: it unregisters from it
 
 
-def run(options: Options, reporter: Reporter) -> ExitStatus:
+def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) -> ExitStatus:
+    """Capture as `options` say, into `output` (default: -w); the extcap passes its FIFO."""
     targets = collect_targets(options)
     contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
     check_tls(targets, contexts)
-    output = PcapOutput.open(options.write)
+    if output is None:
+        output = PcapOutput.open(options.write)
     if options.format == "pcapng":
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 
