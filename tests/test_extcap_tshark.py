@@ -201,10 +201,10 @@ def test_stopping_tshark_stops_every_remote_capture_and_the_extcap(
         assert "client closed" in worker.wait_log(" end:", 10)
     assert fleet.tcpdumps_left() == []
     assert extcaps and all(_gone(pid, 10) for pid in extcaps)
+    read = ["tshark", "-r", str(tmp_path / "out.pcapng"), "-T", "fields"]
     names = subprocess.run(
-        ["tshark", "-r", str(tmp_path / "out.pcapng"), "-T", "fields", "-e", "frame.interface_name"],
-        capture_output=True, text=True, timeout=60,
-    ).stdout.split()  # fmt: skip
+        [*read, "-e", "frame.interface_name"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     assert sorted(set(names)) == sorted(f"{h.address}:{PORT}:eth0" for h in (h1, h2))
     assert len(names) == 10
 
