@@ -47,7 +47,8 @@ Install it once in your personal extcap folder (Wireshark 4.0/4.1: ~/.config/wir
 Then choose "{INTERFACE}" in Wireshark, fill in an inventory (and group) or target URLs in its
 options (the gear icon), and start; or with tshark:
   tshark -i {INTERFACE} -o 'extcap.{INTERFACE}.targets:http://web-1 http://web-2' -f 'tcp port 443'
-Each packet's interface (Wireshark's Interface column, frame.interface_name) is HOST:PORT:IFACE.
+Each packet's interface (the Interface column, frame.interface_name) is TARGET:IFACE, e.g.
+web-1:8475:eth0, as with ddump --format pcapng.
 Passwords never go into the options: they come from the inventory's password_env or
 password_file, or from DDUMP_PASSWORD in Wireshark's environment.
 """
