@@ -224,7 +224,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     """Answer one extcap call; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        ns = build_parser().parse_args(args)
+        ns, extra = build_parser().parse_known_args(args)
+        # A reload passes the dialog's fields as pairs, a checked boolflag as `--batch true`:
+        # what is left over there is no error.
+        if extra and not ns.extcap_config:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
         if ns.capture and not ns.fifo:
             raise UsageError("--capture needs --fifo PATH")
         if ns.extcap_interface not in (None, INTERFACE):

@@ -128,6 +128,23 @@ def test_group_list_is_read_again_from_the_inventory_when_reloaded(tmp_path: Pat
     assert after[0][1]["default"] == "true"
 
 
+def test_reload_takes_the_dialogs_fields_as_wireshark_passes_them(tmp_path: Path) -> None:
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(INVENTORY)
+
+    _, values = config(
+        "--extcap-reload-option", "group", "--inventory", str(inventory), "--batch", "true",
+        "--reconnect", "false", "--max-delay", "250ms",
+    )  # fmt: skip
+
+    assert [v["value"] for v in values] == ["", "web"]
+
+
+def test_capture_refuses_arguments_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--capture", "--fifo", "/x", "--batch", "true"]) == 2
+    assert "unrecognized arguments: true" in capsys.readouterr().err
+
+
 def test_whole_config_lists_the_groups_of_a_given_inventory(tmp_path: Path) -> None:
     inventory = tmp_path / "fleet.yaml"
     inventory.write_text(INVENTORY)
