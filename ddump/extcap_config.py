@@ -77,9 +77,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         4, "--snaplen", "Snapshot length", "unsigned",
-        "Keep at most this many bytes of each packet (default: whole packets). A small one, "
-        "e.g. 200 for headers, lets busy hosts drop far fewer packets",
-        CAPTURE, range=(1, DEFAULT_SNAPLEN),
+        "Keep at most this many bytes of each packet; 0: whole packets. A small one, e.g. 200 "
+        "for headers, lets busy hosts drop far fewer packets",
+        CAPTURE, default="0", range=(0, DEFAULT_SNAPLEN),
     ),
     Option(
         5, "--batch", "Batch mode", "boolflag",

@@ -79,7 +79,8 @@ def test_config_names_every_option_with_a_display_a_tooltip_and_a_known_type() -
     by_call = {a["call"]: a for a in args}
     assert by_call["--inventory"]["type"] == "fileselect"
     assert by_call["--group"]["type"] == "selector" and by_call["--group"]["reload"] == "true"
-    assert by_call["--snaplen"]["range"] == "1,262144"
+    # Wireshark passes an unsigned field's 0 when left alone: 0 must be in range, and mean "all".
+    assert by_call["--snaplen"]["range"] == "0,262144" and by_call["--snaplen"]["default"] == "0"
     assert {by_call[c]["type"] for c in ("--batch", "--reconnect")} == {"boolflag"}
 
 
