@@ -209,6 +209,40 @@ def test_stopping_tshark_stops_every_remote_capture_and_the_extcap(
     assert len(names) == 10
 
 
+def test_sigterm_then_fifo_close_ends_the_capture_with_statistics_and_a_silent_stderr(
+    fleet: Workers, tmp_path: Path
+) -> None:
+    """What Wireshark does at Stop, done by hand to see what the extcap writes to its FIFO."""
+    capinfos = require_tool("capinfos")
+    h1, h2 = fleet.hosts
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    targets = " ".join(f"http://{h.address}:{PORT}" for h in fleet.hosts)
+    extcap = subprocess.Popen(
+        [sys.executable, "-m", "ddump.extcap", "--extcap-interface", "ddump", "--capture",
+         "--fifo", str(fifo), "--targets", targets, "--extcap-capture-filter", "udp port 5002"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with open(fifo, "rb") as reader:  # as dumpcap does; the extcap opens it before all else
+        fleet.wait_capturing()
+        udp_traffic(h1, h2, port=5002, count=5, rate=200)
+        time.sleep(0.5)
+        extcap.send_signal(signal.SIGTERM)
+        data = reader.read()  # to the end: the extcap closed it after its statistics
+    _, err = extcap.communicate(timeout=20)
+    (tmp_path / "out.pcapng").write_bytes(data)
+
+    assert extcap.returncode == 0 and err == ""
+    info = subprocess.run(
+        [capinfos, str(tmp_path / "out.pcapng")], capture_output=True, text=True, timeout=60
+    ).stdout
+    names = [line.split("= ")[1] for line in info.splitlines() if "Name = " in line]
+    assert f"{h1.address}:{PORT}:eth0" in names and f"{h2.address}:{PORT}:eth0" in names
+    assert info.count("Number of stat entries = 1") == len(names)
+    assert "Number of packets:   10" in info
+    assert fleet.tcpdumps_left() == []
+
+
 def _extcap_pids() -> list[int]:
     """Running ddump extcaps (the launcher runs `from ddump.extcap import main`)."""
     pids = []
