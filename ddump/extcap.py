@@ -10,8 +10,8 @@ A program of its own rather than `ddump --extcap-...`: Wireshark's arguments nev
 command line (its --filter, its TARGETs), and the Wireshark-facing help stays separate.
 
 Wireshark shows whatever an extcap writes to stderr as an error, so a capture writes nothing
-there unless something failed. The FIFO is opened before anything can fail: tshark 4.0 waits
-for ever on a FIFO that its extcap never opened.
+there unless something failed. The FIFO is opened before anything can fail, the parsing of the
+command line included: tshark 4.0 waits for ever on a FIFO that its extcap never opened.
 """
 
 from __future__ import annotations
@@ -179,18 +179,33 @@ def ddump_argv(ns: argparse.Namespace) -> list[str]:
     return [*argv, "--", *targets]
 
 
-def capture(ns: argparse.Namespace, stderr: TextIO) -> int:
-    """Open the FIFO first, then run the ddump session into it; the exit status."""
+def fifo_path(args: Sequence[str]) -> str | None:
+    """The --fifo of a --capture call, read before anything else is (see open_fifo)."""
+    if "--capture" not in args:
+        return None
+    for index, arg in enumerate(args):
+        if arg == "--fifo" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--fifo="):
+            return arg.removeprefix("--fifo=")
+    return None
+
+
+def open_fifo(path: str) -> int | str:
+    """The FIFO opened for writing (waits for Wireshark's reader), or why it cannot be."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot open the FIFO {path}: {exc.strerror}"
+
+
+def capture(ns: argparse.Namespace, fd: int, stderr: TextIO) -> int:
+    """Run the ddump session into the FIFO already open as `fd`; the exit status."""
     from ddump.cli.main import ExitStatus, run
     from ddump.cli.options import parse_args
     from ddump.cli.output import PcapOutput
 
     reporter = ExtcapReporter(stderr)
-    try:
-        fd = os.open(ns.fifo, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        reporter.error(f"cannot open the FIFO {ns.fifo}: {exc.strerror}")
-        return ExitStatus.ERROR
     status = ExitStatus.ERROR
     try:
         options = parse_args(ddump_argv(ns))
@@ -223,6 +238,13 @@ def configure(ns: argparse.Namespace, out: TextIO) -> None:
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     """Answer one extcap call; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # The FIFO first: tshark 4.0 waits for ever on one its extcap never opened, so even a
+    # command line refused below must be refused with the FIFO open.
+    fifo = fifo_path(args)
+    fd = open_fifo(fifo) if fifo is not None else None
+    if isinstance(fd, str):
+        print(f"ddump: {fd}", file=sys.stderr)
+        return 1
     try:
         ns, extra = build_parser().parse_known_args(args)
         # A reload passes the dialog's fields as pairs, a checked boolflag as `--batch true`:
@@ -235,9 +257,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             raise UsageError(f"unknown interface {ns.extcap_interface!r}: this is {INTERFACE}")
     except UsageError as exc:
         print(f"{PROG}: {exc} (see {PROG} --help)", file=sys.stderr)
+        if fd is not None:
+            os.close(fd)
         return 2
-    if ns.capture:
-        return capture(ns, sys.stderr)
+    if fd is not None:
+        return capture(ns, fd, sys.stderr)
     if ns.install:
         return install(out)
     if ns.extcap_interfaces:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -141,9 +142,22 @@ def test_reload_takes_the_dialogs_fields_as_wireshark_passes_them(tmp_path: Path
     assert [v["value"] for v in values] == ["", "web"]
 
 
-def test_capture_refuses_arguments_it_does_not_know(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--capture", "--fifo", "/x", "--batch", "true"]) == 2
+def test_a_refused_command_line_is_refused_with_the_fifo_opened_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    seen: list[bytes] = []
+    # As dumpcap: it reads the FIFO, and would wait for ever if nobody opened it for writing.
+    reader = threading.Thread(target=lambda: seen.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+
+    status = main(["--capture", "--fifo", str(fifo), "--batch", "true"])
+    reader.join(10)
+
+    assert status == 2
     assert "unrecognized arguments: true" in capsys.readouterr().err
+    assert seen == [b""]  # opened, then closed: the reader saw the end, no hang
 
 
 def test_whole_config_lists_the_groups_of_a_given_inventory(tmp_path: Path) -> None:
