@@ -36,6 +36,7 @@ examples:
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
   ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
   ddump web-1.pcap web-2.pcap -w merged.pcap
+  ddump-extcap --install    # then "ddump" is a capture interface of Wireshark and tshark
 
 exit status:
   0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
