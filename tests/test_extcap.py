@@ -284,3 +284,33 @@ def test_install_writes_an_executable_launcher_for_this_python(tmp_path: Path) -
     for path in written:
         assert os.access(path, os.X_OK)
         assert Path(path).read_text() == launcher_text(__import__("sys").executable)
+
+
+FOLDERS_4_0 = (
+    "Personal configuration:\t/home/u/.config/wireshark\nExtcap path:\t/usr/lib/x/extcap\n"
+)
+FOLDERS_4_4 = (
+    "Personal Extcap path:\t/home/u/.local/lib/wireshark/extcap\nGlobal Extcap path:\t/x\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("version", "folders", "expected"),
+    [
+        ("TShark (Wireshark) 4.0.17", FOLDERS_4_0, ["/home/u/.config/wireshark/extcap"]),
+        ("TShark (Wireshark) 4.4.1", FOLDERS_4_4, ["/home/u/.local/lib/wireshark/extcap"]),
+        ("TShark (Wireshark) 4.2.0", "", ["/h/.local/lib/wireshark/extcap"]),
+        (None, None, ["/h/.local/lib/wireshark/extcap", "/xdg/wireshark/extcap"]),
+    ],
+)
+def test_install_goes_where_the_installed_wireshark_looks(
+    monkeypatch: pytest.MonkeyPatch, version: str | None, folders: str | None, expected: list[str]
+) -> None:
+    from ddump import extcap_install
+
+    answers = {"--version": version, "-G": folders}
+    monkeypatch.setattr(extcap_install, "_tshark", lambda *args: answers[args[0]])
+    monkeypatch.setenv("HOME", "/h")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/xdg")
+
+    assert extcap_install.personal_folders() == expected
