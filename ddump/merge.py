@@ -30,6 +30,7 @@ class StreamState:
     live: bool = True
     started: bool = False  # its first connection attempt has answered (or failed)
     timed: bool = True  # live: the clock bounds what it can still send; a file has no clock
+    pulled: bool = False  # a regular file, read when the merge needs it: never held past a cap
     clock_offset_ns: int = 0  # worker clock minus ours
     delay_ns: int = 0  # how much later than others its packets may come (batch captures)
     newest_ns: int = -1  # newest timestamp pushed
@@ -48,13 +49,17 @@ class Merger:
         self._settled = -1  # no buffered record is at or below this: a release up to it is void
         self.buffered = 0
 
-    def add_stream(self, name: str, *, timed: bool = True, delay_ns: int = 0) -> int:
+    def add_stream(
+        self, name: str, *, timed: bool = True, delay_ns: int = 0, pulled: bool = False
+    ) -> int:
         """Register a stream; its index orders ties between streams.
 
         An untimed stream (a file) holds the others back until it has sent a later record. A
-        timed stream with a delay may deliver a packet that much later than the others do.
+        timed stream with a delay may deliver a packet that much later than the others do. A
+        pulled stream is one the caller reads when the merge needs it (see pulled_mark).
         """
-        self.streams.append(StreamState(name, started=not timed, timed=timed, delay_ns=delay_ns))
+        state = StreamState(name, started=not timed, timed=timed, delay_ns=delay_ns, pulled=pulled)
+        self.streams.append(state)
         self._pending.append([])
         self._unsorted.append(False)
         return len(self.streams) - 1
@@ -116,6 +121,14 @@ class Merger:
                 idle = idle_mark - state.delay_ns + state.clock_offset_ns
                 mark = min(mark, max(state.newest_ns - 1, idle))
         return mark
+
+    def pulled_mark(self) -> int:
+        """What a release may reach without making a pulled stream's next record late.
+
+        A pulled stream (a regular file, in time order) sends nothing older than its newest
+        record: releasing past that would turn its next records into late ones.
+        """
+        return min((s.newest_ns - 1 for s in self.streams if s.live and s.pulled), default=FOREVER)
 
     def oldest_mark(self, count: int) -> int:
         """The timestamp up to which `count` of the buffered records lie (the oldest ones)."""
