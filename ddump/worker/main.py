@@ -312,7 +312,10 @@ async def _check_capture(state: WorkerState) -> None:
     """Say at start, not at the first capture, when this worker cannot capture at all."""
     reason = await capture_check(state)
     if reason is not None:
-        log.warning("cannot capture: %s; GET /health answers 503 until this is fixed", reason)
+        log.warning(
+            "cannot capture: %s; GET /health answers 503 until this is fixed",
+            "; ".join(line.strip() for line in reason.splitlines()),
+        )
 
 
 def _remove_socket(path: str, inode: int | None) -> None:
