@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +66,7 @@ def health(address: str) -> tuple[int, dict[str, Any]]:
 def test_without_listen_the_worker_serves_loopback_only_in_both_families() -> None:
     assert build_parser().parse_args([]).listen is None
     assert listen_addresses(None) == DEFAULT_LISTEN
-    assert DEFAULT_LISTEN == (TcpListen("127.0.0.1", PORT), TcpListen("::1", PORT))
+    assert (TcpListen("127.0.0.1", PORT), TcpListen("::1", PORT)) == DEFAULT_LISTEN
     assert listen_addresses(":9000") == (TcpListen(None, 9000),)
 
 
@@ -153,8 +152,8 @@ def test_refused_captures_are_logged_with_client_filter_and_reason(
     assert refusals[0].startswith("capture refused (400): client=127.0.0.1 filter=-: ")
     assert "unknown parameter 'interface'" in refusals[0]
     assert "filter='fake-syntax-error': tcpdump rejected the filter" in refusals[1]
-    assert "capture refused (503): client=127.0.0.1 filter='udp': too many captures" in (
-        refusals[2]
+    assert (
+        "capture refused (503): client=127.0.0.1 filter='udp': too many captures" in (refusals[2])
     )
     assert refusals[3].startswith("404 GET /capture/stats?id=nope from 127.0.0.1")
 
@@ -194,11 +193,13 @@ def test_loopback_and_unix_sockets_are_not_warned_about(fake: Fake) -> None:
 
 
 def test_allow_on_a_unix_socket_is_a_usage_error(fake: Fake) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        with fake_worker(
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        fake_worker(
             fake, "--listen", f"unix:{directory}/w.sock", "--allow", "10.0.0.0/8"
-        ) as worker:
-            assert worker.process.wait(10) == 2
+        ) as worker,
+    ):
+        assert worker.process.wait(10) == 2
     assert "--allow applies to TCP clients" in worker.log()
 
 
