@@ -185,10 +185,12 @@ def test_loopback_and_unix_sockets_are_not_warned_about(fake: Fake) -> None:
         assert status == 200 and answer["status"] == "ok"
         assert answer["exposed"] is False and answer["exposed_on"] == []
         log = worker.log()
-    with tempfile.TemporaryDirectory() as directory:
-        with fake_worker(fake, "--listen", f"unix:{directory}/w.sock") as unix:
-            unix.wait_listening()
-            unix_log = unix.log()
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        fake_worker(fake, "--listen", f"unix:{directory}/w.sock") as unix,
+    ):
+        unix.wait_listening()
+        unix_log = unix.log()
     assert "not loopback only" not in log + unix_log
 
 
