@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream live tcpdump captures over HTTP: GET /capture?filter=BPF "
         "answers a chunked pcap (application/vnd.tcpdump.pcap); GET /capture/stats?id=NAME "
         "tcpdump's counts (drops) for the capture whose X-Ddump-Capture header is NAME; "
-        "GET /health.",
+        "GET /health answers 200, or 503 with the reason when no capture can start.",
         epilog="Needs CAP_NET_RAW, not root: e.g. systemd AmbientCapabilities=CAP_NET_RAW, "
         "or setpriv --reuid=USER --regid=GROUP --clear-groups --inh-caps=+net_raw "
         "--ambient-caps=+net_raw ddump-worker. Stops cleanly on SIGTERM or SIGINT.",
