@@ -285,6 +285,21 @@ def test_default_answers_on_loopback_and_refuses_a_namespace_peer(tcpdump: str) 
     assert "not loopback only" not in log
 
 
+def test_default_without_ipv6_serves_127_0_0_1_alone(tcpdump: str) -> None:
+    curl = require_tool("curl")
+    with Fleet(1) as fleet:
+        [h1] = fleet.hosts
+        h1.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        h1.run(["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"])
+        with WorkerProcess(worker_argv("--tcpdump", tcpdump), h1) as worker:
+            line = worker.wait_log("listening on")
+            local = curl_status(h1, curl, f"http://127.0.0.1:{PORT}/health")
+            log = worker.log()
+    assert f"listening on 127.0.0.1:{PORT} (pid" in line
+    assert f"[::1]:{PORT} left out: " in log
+    assert local == (0, "200")
+
+
 def test_allow_lets_one_peer_in_and_keeps_another_out(tcpdump: str) -> None:
     curl = require_tool("curl")
     with Fleet(3) as fleet:

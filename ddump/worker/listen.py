@@ -170,7 +170,8 @@ def _bind_one(
     except OSError as error:
         if optional and error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             # IPv6 is off on this host: 127.0.0.1 alone serves local clients.
-            log.info("not listening on [::1]:%d: %s", listen.port, error.strerror or error)
+            # (Not "listening on": that phrase starts the line that names the addresses.)
+            log.info("[::1]:%d left out: %s", listen.port, error.strerror or error)
             return []
         host = f"[{listen.host}]" if listen.host and ":" in listen.host else listen.host or ""
         raise UsageError(
