@@ -168,10 +168,10 @@ def fake_worker(fake: Fake, *args: str) -> WorkerProcess:
 def test_listening_on_every_address_warns_and_health_says_exposed(fake: Fake) -> None:
     with fake_worker(fake, "--listen", "0.0.0.0:0") as worker:
         port = worker.wait_listening().rsplit(":", 1)[1]
-        warning = worker.wait_log("not loopback only")
+        warning = worker.wait_log("exposed beyond this host")
         status, answer = health(f"127.0.0.1:{port}")
     assert "WARNING" in warning
-    assert f"listening on 0.0.0.0:{port}, not loopback only: any host that can reach" in warning
+    assert f"exposed beyond this host on 0.0.0.0:{port} (not loopback): any host" in warning
     assert "can read every packet this host sends or receives" in warning
     assert "Deploying behind nginx" in warning and "--allow" in warning
     assert status == 200
@@ -191,7 +191,7 @@ def test_loopback_and_unix_sockets_are_not_warned_about(fake: Fake) -> None:
     ):
         unix.wait_listening()
         unix_log = unix.log()
-    assert "not loopback only" not in log + unix_log
+    assert "exposed" not in log + unix_log
 
 
 def test_allow_on_a_unix_socket_is_a_usage_error(fake: Fake) -> None:
@@ -282,7 +282,7 @@ def test_default_answers_on_loopback_and_refuses_a_namespace_peer(tcpdump: str) 
     assert f"listening on 127.0.0.1:{PORT} [::1]:{PORT} " in line
     assert local == (0, "200") and local6 == (0, "200")
     assert peer[0] == 7, peer  # curl: failed to connect (refused)
-    assert "not loopback only" not in log
+    assert "exposed" not in log
 
 
 def test_default_without_ipv6_serves_127_0_0_1_alone(tcpdump: str) -> None:
@@ -307,7 +307,7 @@ def test_allow_lets_one_peer_in_and_keeps_another_out(tcpdump: str) -> None:
         argv = worker_argv("--tcpdump", tcpdump, "--listen", f":{PORT}", "--allow", h2.address)
         with WorkerProcess(argv, h1) as worker:
             worker.wait_listening()
-            warning = worker.wait_log("not loopback only")
+            warning = worker.wait_log("exposed beyond this host")
             admitted = curl_status(h2, curl, f"http://{h1.address}:{PORT}/health")
             kept_out = curl_status(h3, curl, f"http://{h1.address}:{PORT}/health")
             closed = worker.wait_log("closed: not in --allow")

@@ -127,13 +127,14 @@ def exposed(sockets: Sequence[socket.socket]) -> list[str]:
 def exposure_warning(names: Sequence[str], allow: Sequence[Network]) -> str:
     """What the start-up warning says when the worker listens beyond loopback."""
     who = (
-        "any host that can reach " + (" or ".join(names))
-        if not allow
-        else "any host in --allow " + " ".join(str(network) for network in allow)
+        "any host in --allow " + " ".join(str(network) for network in allow)
+        if allow
+        else "any host that can reach it there"
     )
     return (
-        f"listening on {' '.join(names)}, not loopback only: {who} can read every packet "
-        "this host sends or receives (the worker has no TLS and no authentication). "
+        f"exposed beyond this host on {' '.join(names)} (not loopback): {who} can read "
+        "every packet this host sends or receives (the worker has no TLS and no "
+        "authentication). "
         f"Put nginx in front of it (see {NGINX_SECTION}) and listen on 127.0.0.1 or a unix: "
         "socket; to keep it reachable from a proxy on another host, give --allow that host"
     )
