@@ -353,7 +353,8 @@ class CaptureStatsHandler(TextErrorsHandler):
 
 def _request_logger(state: WorkerState) -> Callable[[RequestHandler], None]:
     def log_request(handler: RequestHandler) -> None:
-        # Captures log their own start, end and refusal lines; /health polls are noise.
+        # Captures log their own start, end and refusal lines; a load balancer's /health
+        # polls are noise while they answer 200, but a 503 is a refusal like any other.
         status = handler.get_status()
         if status < 400 or isinstance(handler, CaptureHandler):
             return
