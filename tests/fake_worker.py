@@ -52,6 +52,7 @@ class Script:
     end: str = "finish"  # finish | abort (cut the connection) | hang (until the client leaves)
     headers: dict[str, str] = field(default_factory=dict)
     clock_ns: int | None = None  # X-Ddump-Clock; None: now
+    clock: bool = True  # False: no X-Ddump-Clock at all (another server, an older worker)
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -78,7 +79,8 @@ class _Handler(tornado.web.RequestHandler):
         if script.status == 200:
             self.set_header("Content-Type", "application/vnd.tcpdump.pcap")
             clock = script.clock_ns if script.clock_ns is not None else time.time_ns()
-            self.set_header("X-Ddump-Clock", str(clock))
+            if script.clock:
+                self.set_header("X-Ddump-Clock", str(clock))
         for name, value in script.headers.items():
             self.set_header(name, value)
         try:

@@ -1,7 +1,10 @@
-"""Capture files as targets: `ddump a.pcap b.pcap` merges them like live streams.
+"""Capture files as targets: `ddump a.pcap b.pcap` merges them, exactly, as mergecap does.
 
 Users often already hold per-host captures; the same parser, merge and writer apply. A file has
-no clock to go by, so its records are merged by their timestamps alone.
+no clock to go by, so its records are merged by their timestamps alone. A regular file is
+*pulled* (FileReader): the session reads the next block of the file whose records end earliest,
+so the merge never waits on, nor guesses about, a file it could simply read. Standard input and
+FIFOs are *pushed* (FileStream), like a live stream: their writer may be a live tcpdump.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ class FileSource:
 
     name: str
     path: str  # "-" is stdin
+    regular: bool = False  # a regular file: pulled by the merge, not pushed
+
+    @property
+    def pulled(self) -> bool:
+        return self.regular
 
 
 def looks_like_file(arg: str) -> bool:
@@ -46,7 +54,49 @@ def parse_file_source(arg: str) -> FileSource:
         raise UsageError(f"{arg}: is a directory, not a capture file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{arg}: cannot read it (permission denied)")
-    return FileSource(path, path)
+    return FileSource(path, path, regular=os.path.isfile(path))
+
+
+class FileReader:
+    """A regular capture file read a block at a time, when the merge asks for it.
+
+    Past `open_limit` files open at once (a merge of thousands of files under a small
+    `ulimit -n`), a file is opened for each read and closed after it, at its offset.
+    """
+
+    def __init__(self, source: FileSource, block_size: int, *, keep_open: bool = True) -> None:
+        self.source = source
+        self.block_size = block_size
+        self.keep_open = keep_open
+        self._handle: BinaryIO | None = None
+        self._offset = 0
+        self.done = False
+
+    def read(self) -> bytes:
+        """The next block (b"" at the end); StreamFailure if the file cannot be read."""
+        if self.done:
+            return b""
+        try:
+            if self._handle is None:
+                self._handle = open(self.source.path, "rb", buffering=0)  # noqa: SIM115
+                if self._offset:
+                    self._handle.seek(self._offset)
+            block = self._handle.read(self.block_size) or b""
+        except OSError as exc:
+            self.close()
+            raise StreamFailure(f"cannot read: {exc.strerror}") from None
+        self._offset += len(block)
+        if not block:
+            self.done = True
+            self.close()
+        elif not self.keep_open:
+            self.close()
+        return block
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 class FileStream:

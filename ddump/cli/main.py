@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import traceback
@@ -113,9 +115,18 @@ async def run_session(session: Session) -> bool:
         session.output.close()  # in the loop: it unregisters from it
 
 
+def raise_open_files_limit() -> None:
+    """Every target holds a socket or a file: take the hard `ulimit -n`, not the soft 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) -> ExitStatus:
     """Capture as `options` say, into `output` (default: -w); the extcap passes its FIFO."""
     targets = collect_targets(options)
+    raise_open_files_limit()
     contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
     check_tls(targets, contexts)
     if output is None:

@@ -18,6 +18,8 @@ class TargetCounts:
     packets: int = 0
     bytes: int = 0
     late: int = 0
+    disordered: int = 0  # a file's records earlier than the one before them in the file
+    no_clock: bool = False  # a live target that sent no clock: ordered by its packets alone
     dropped: int | None = None  # by the worker's kernel, as tcpdump counted (None: not known)
     dropped_unknown: int = 0  # captures (one per connection) whose counts did not come
     error: str = ""
@@ -72,6 +74,10 @@ class Reporter:
             what = f"{c.packets} packets, {c.bytes} bytes"
             if c.late:
                 what += f", {c.late} late"
+            if c.disordered:
+                what += f", {c.disordered} out of order in the file"
+            if c.no_clock:
+                what += ", no clock"
             if c.dropped is not None:
                 at_least = "at least " if c.dropped_unknown else ""
                 what += f", {at_least}{c.dropped} dropped by the kernel"
