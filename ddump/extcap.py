@@ -125,13 +125,13 @@ class ExtcapReporter(Reporter):
 
 
 def inventory_groups(path: str | None) -> tuple[list[tuple[str, int]], str]:
-    """The inventory's groups with their target counts, and what "every target" stands for.
+    """The inventory's groups with their target counts, and what "all targets" stands for.
 
     An inventory that ddump would refuse still lists the groups it names, and the first value
     says why it would be refused: the dialog is where the user sees it first.
     """
     if not path:
-        return [], "every target (choose an inventory, then reload)"
+        return [], "all targets (choose an inventory, then read its groups)"
     import yaml
 
     from ddump.inventory import load_inventory
@@ -149,9 +149,9 @@ def inventory_groups(path: str | None) -> tuple[list[tuple[str, int]], str]:
     ]
     if data is not None:
         try:
-            note = f"every target of the inventory ({len(load_inventory(path))})"
+            note = f"all targets ({len(load_inventory(path))})"
         except DdumpError as exc:
-            note = f"every target; but ddump refuses the inventory: {exc}"
+            note = f"all targets; but ddump refuses the inventory: {exc}"
     return groups, redact(note)
 
 

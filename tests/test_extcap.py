@@ -122,7 +122,7 @@ def test_group_list_is_read_again_from_the_inventory_when_reloaded(tmp_path: Pat
     status, after = call("--extcap-interface", "ddump", "--extcap-config", *reload)
 
     assert [(v["value"], v["display"]) for v in before] == [
-        ("", "every target of the inventory (3)"),
+        ("", "all targets (3)"),
         ("web", "web (2 targets)"),
     ]
     assert status == 0 and all(kind == "value" for kind, _ in after)

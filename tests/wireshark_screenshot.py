@@ -3,8 +3,9 @@
 Two hosts in network namespaces (tests/netns.py) each run a worker; Wireshark, under Xvfb with a
 HOME of its own where `ddump-extcap --install` put the extcap, is started on the ddump interface
 with an inventory group of both hosts, while the hosts ping and send UDP to each other. The
-picture is the interface list (ddump in it) above the live capture, whose Interface column
-(frame.interface_name) names each packet's host.
+picture is the interface list (ddump in it) with ddump's options dialog open on the inventory
+(its groups read), above the live capture, whose Interface column (frame.interface_name) names
+each packet's host.
 
 Needs: wireshark (wireshark-qt), xvfb (Xvfb), x11-apps (xwd), xdotool, imagemagick (convert).
 Usage: python -m tests.wireshark_screenshot [OUT.png]     (default docs/wireshark-ddump.png)
@@ -28,11 +29,14 @@ from tests.netns import Fleet, WorkerProcess, icmp_traffic, udp_traffic, worker_
 
 PORT = 8475
 SIZE = (1280, 720)
+LIST_HEIGHT = 480  # of the first picture: the interface list and ddump's options dialog
 DISPLAY = ":73"
 NEEDS = {"wireshark": "wireshark", "Xvfb": "xvfb", "xwd": "x11-apps", "xdotool": "xdotool",
          "convert": "imagemagick"}  # fmt: skip
 # ImageMagick's own, where a different `convert` comes first on PATH.
 CONVERT = "/usr/bin/convert" if os.path.exists("/usr/bin/convert") else "convert"
+GEAR = ("169", "238")  # ddump's gear icon, the first row of the welcome page's list
+RELOAD = (447, 92)  # "Read the inventory's groups", from the options dialog's corner
 
 PREFERENCES = """\
 gui.column.format:
@@ -146,6 +150,36 @@ def _fill_screen(env: dict[str, str]) -> None:
     )  # fmt: skip
 
 
+def _window_geometry(env: dict[str, str], title: str) -> tuple[int, int] | None:
+    """The top-left corner of the window whose title holds `title`, if one is shown."""
+    tree = subprocess.run(
+        ["xwininfo", "-root", "-tree", "-display", DISPLAY],
+        capture_output=True, text=True, env=env, check=False,
+    ).stdout  # fmt: skip
+    for line in tree.splitlines():
+        if title in line:
+            corner = line.split()[-1]  # +X+Y, absolute
+            x, y = corner.lstrip("+").split("+")
+            return int(x), int(y)
+    return None
+
+
+def _open_options(env: dict[str, str]) -> bool:
+    """Open ddump's options from its gear icon and read the inventory's groups; True if shown.
+
+    Clicks where Wireshark 4.0 draws them at this size; another layout leaves the dialog out.
+    """
+    subprocess.run(["xdotool", "mousemove", *GEAR, "click", "1"], env=env, check=False)
+    time.sleep(4)
+    corner = _window_geometry(env, "Interface Options")
+    if corner is None:
+        return False
+    x, y = (corner[0] + RELOAD[0], corner[1] + RELOAD[1])
+    subprocess.run(["xdotool", "mousemove", str(x), str(y), "click", "1"], env=env, check=False)
+    time.sleep(4)
+    return True
+
+
 def take(out: Path) -> None:
     missing = [package for tool, package in NEEDS.items() if shutil.which(tool) is None]
     if missing:
@@ -170,11 +204,14 @@ def take(out: Path) -> None:
             time.sleep(1)
             list_png, capture_png = root / "list.png", root / "capture.png"
             _say("the interface list")
-            with _running(["wireshark"], env):
+            inventory_pref = f"extcap.ddump.inventory:{inventory}"
+            with _running(["wireshark", "-o", inventory_pref], env):
                 _window_shown(env)
                 time.sleep(15)  # the welcome page finds the interfaces (the extcaps: slow)
                 _fill_screen(env)
                 time.sleep(1)
+                if not _open_options(env):
+                    _say("no options dialog at the expected place: the list alone")
                 _snap(env, list_png)
             _say("a live capture of both hosts")
             wireshark = [
@@ -197,7 +234,7 @@ def take(out: Path) -> None:
                 time.sleep(1)
                 _snap(env, capture_png)
         subprocess.run(
-            [CONVERT, str(list_png), "-crop", f"{SIZE[0]}x{SIZE[1] // 2}+0+0", "+repage",
+            [CONVERT, str(list_png), "-crop", f"{SIZE[0]}x{LIST_HEIGHT}+0+0", "+repage",
              str(capture_png), "-append", str(out)],
             check=True, timeout=60,
         )  # fmt: skip
