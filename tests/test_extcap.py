@@ -314,3 +314,23 @@ def test_install_goes_where_the_installed_wireshark_looks(
     monkeypatch.setenv("XDG_CONFIG_HOME", "/xdg")
 
     assert extcap_install.personal_folders() == expected
+
+
+def test_warnings_stay_off_stderr_unless_the_capture_failed() -> None:
+    from ddump.extcap import ExtcapReporter
+
+    quiet, failed = io.StringIO(), io.StringIO()
+    for stream in (quiet, failed):
+        reporter = ExtcapReporter(stream)
+        reporter.info("web-1:8475: capturing")
+        reporter.warn("web-1:8475: its clock is 2 s ahead")
+        reporter.summary([], 0, 0)
+        if stream is failed:
+            reporter.error("db-1:8475: connection refused")
+            reporter.release_warnings()
+
+    assert quiet.getvalue() == ""
+    assert failed.getvalue().splitlines() == [
+        "ddump: db-1:8475: connection refused",
+        "ddump: warning: web-1:8475: its clock is 2 s ahead",
+    ]
