@@ -5,7 +5,8 @@ HOME of its own where `ddump-extcap --install` put the extcap, is started on the
 with an inventory group of both hosts, while the hosts ping and send UDP to each other. The
 picture is the interface list (ddump in it) with ddump's options dialog open on the inventory
 (its groups read), above the live capture, whose Interface column (frame.interface_name) names
-each packet's host.
+each packet's host. Then it presses Stop (Ctrl+E) and checks that the extcap ended and that
+every worker saw its client go: Wireshark's own stop path, which tshark's tests cannot take.
 
 Needs: wireshark (wireshark-qt), xvfb (Xvfb), x11-apps (xwd), xdotool, imagemagick (convert).
 Usage: python -m tests.wireshark_screenshot [OUT.png]     (default docs/wireshark-ddump.png)
@@ -180,6 +181,34 @@ def _open_options(env: dict[str, str]) -> bool:
     return True
 
 
+def _stop_from_the_gui(env: dict[str, str], workers: list[WorkerProcess]) -> None:
+    """Capture → Stop (Ctrl+E), as a user would: every worker must see its client go."""
+    subprocess.run(
+        ["xdotool", "search", "--onlyvisible", "--class", "wireshark", "windowfocus", "--sync",
+         "%1", "key", "ctrl+e"],
+        env=env, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    for worker in workers:
+        line = worker.wait_log(" end:", 15)
+        if "client closed" not in line:
+            raise RuntimeError(f"the capture did not end as a stop: {line}")
+    end = time.monotonic() + 10
+    while _extcap_running():
+        if time.monotonic() > end:
+            raise RuntimeError("ddump-extcap still runs 10 s after Stop")
+        time.sleep(0.1)
+    _say("Stop in Wireshark ended ddump-extcap and the capture on every worker")
+
+
+def _extcap_running() -> bool:
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"--capture" in argv and any(a.endswith(b"/extcap/ddump") for a in argv):
+                return True
+    return False
+
+
 def take(out: Path) -> None:
     missing = [package for tool, package in NEEDS.items() if shutil.which(tool) is None]
     if missing:
@@ -233,6 +262,7 @@ def take(out: Path) -> None:
                 _fill_screen(env)
                 time.sleep(1)
                 _snap(env, capture_png)
+                _stop_from_the_gui(env, workers)
         subprocess.run(
             [CONVERT, str(list_png), "-crop", f"{SIZE[0]}x{LIST_HEIGHT}+0+0", "+repage",
              str(capture_png), "-append", str(out)],
