@@ -341,6 +341,40 @@ def test_a_stop_during_a_batch_capture_cuts_at_the_stop_by_the_workers_clock(
     assert payloads == [b"0.1 s before the stop"]
 
 
+def test_a_stop_during_a_real_batch_capture_writes_nothing_captured_after_it(
+    tmp_path: Path,
+) -> None:
+    """Measured (BENCHMARKS.md): the cut fell 112-179 ms after the stop by the upper bound of
+    the clock offset, 0.7-3.8 ms before it by the lower bound. The bounds here leave room for
+    a loaded machine's signal delivery and scheduling."""
+    require_root()
+    require_tool("ip")
+    require_tool("tcpdump")
+    from tests.netns import Fleet, WorkerProcess, _script, parse_seq, worker_argv
+
+    out = tmp_path / "out.pcap"
+    with Fleet(2) as fleet:
+        a, b = fleet.hosts
+        with WorkerProcess(worker_argv("--listen", ":8475"), a) as worker:
+            worker.wait_listening()
+            url = f"http://{a.address}:8475/capture?filter=udp%20and%20dst%20port%205009"
+            cli = subprocess.Popen([*CLI, "--batch", "-w", str(out), url], stderr=subprocess.PIPE)
+            worker.wait_log("start:")
+            sender = b.popen(_script("udp-send", a.address, 5009, 6000, 2000, 64, 4009))
+            time.sleep(1.5)  # 2,000 packets a second, one every 0.5 ms
+            stop_ns = time.time_ns()
+            cli.send_signal(2)
+            _, err = cli.communicate(timeout=20)
+            sender.wait(10)
+
+    assert cli.returncode == 0, err
+    records = PcapStreamParser().feed(out.read_bytes())
+    seqs = [parse_seq(data) for _, data in records]
+    assert seqs == list(range(len(seqs))), "every packet up to the cut, none missing"
+    last_ms = (records[-1][0] - stop_ns) / 1e6
+    assert -60 < last_ms < 60, last_ms
+
+
 # ---- records longer than their snaplen ----
 
 
