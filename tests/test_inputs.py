@@ -344,9 +344,9 @@ def test_a_stop_during_a_batch_capture_cuts_at_the_stop_by_the_workers_clock(
 def test_a_stop_during_a_real_batch_capture_writes_nothing_captured_after_it(
     tmp_path: Path,
 ) -> None:
-    """Measured (BENCHMARKS.md): the cut fell 112-179 ms after the stop by the upper bound of
-    the clock offset, 0.7-3.8 ms before it by the lower bound. The bounds here leave room for
-    a loaded machine's signal delivery and scheduling."""
+    """Measured (BENCHMARKS.md): by the clock offset's high end the cut fell 112-179 ms after
+    the stop; by its low end, mostly 1-3 ms before it. The bounds here leave room for a loaded
+    machine's signal delivery and scheduling."""
     require_root()
     require_tool("ip")
     require_tool("tcpdump")
