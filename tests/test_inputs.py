@@ -410,7 +410,7 @@ def test_records_longer_than_the_snaplen_are_cut_to_it_counted_and_readable(
     assert len(read.stdout.splitlines()) == 5
     info = subprocess.run([capinfos, "-c", out], capture_output=True, text=True)
     assert info.returncode == 0, info.stderr
-    assert "Number of packets:   5" in " ".join(info.stdout.split(" ", 1)) or "5" in info.stdout
+    assert "Number of packets:   5" in info.stdout, info.stdout
 
 
 @pytest.mark.parametrize("step", [1, 7, 100, 4096])

@@ -23,9 +23,10 @@ Capture on many hosts at once and write one merged pcap, in timestamp order, to 
 Each TARGET is a ddump-worker URL:
   http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
 A URL with a USER but no PASSWORD takes the password from $DDUMP_PASSWORD, which keeps it
-out of the process list. PORT defaults to 8475 (for https too), the path to /capture;
-percent-encode the filter (e.g. ?filter=tcp%20port%2080). Targets can also come from an
-inventory (-f fleet.yaml).
+out of the process list (unset or empty is an error; USER:@ means no password). PORT
+defaults to 8475 (for https too), the path to /capture; percent-encode the filter (e.g.
+?filter=tcp%20port%2080), and an IPv6 zone as %25 (http://[fe80::1%25eth0]). Targets can
+also come from an inventory (-f fleet.yaml).
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
 
