@@ -14,7 +14,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -39,9 +39,15 @@ class FileSource:
         return self.regular
 
 
+# Names only a capture file has: a mistyped one is "no such file", not a host without http://.
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".gz")
+
+
 def looks_like_file(arg: str) -> bool:
     """A URL argument that names a capture file rather than a worker."""
-    return arg == "-" or arg.startswith("file:") or ("://" not in arg and os.path.exists(arg))
+    if arg == "-" or arg.startswith("file:"):
+        return True
+    return "://" not in arg and (os.path.exists(arg) or arg.lower().endswith(CAPTURE_SUFFIXES))
 
 
 def parse_file_source(arg: str) -> FileSource:
@@ -97,6 +103,34 @@ class FileReader:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def refuse_to_overwrite_an_input(path: str, sources: Sequence[object]) -> None:
+    """UsageError if the output (-w PATH, or stdout for "-") is one of the input files.
+
+    Opening it for writing would truncate the input before it is read (`-w a.pcap a.pcap`),
+    and appending to a file being read (`>> a.pcap`) never ends. Same file: same device and
+    inode, whatever the path says.
+    """
+    try:
+        out = os.fstat(1) if path == "-" else os.stat(path)
+    except OSError:  # not there yet: it cannot be an input
+        return
+    if not stat.S_ISREG(out.st_mode):
+        return
+    for source in sources:
+        if not isinstance(source, FileSource):
+            continue
+        try:
+            info = os.fstat(0) if source.path == "-" else os.stat(source.path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (out.st_dev, out.st_ino):
+            output = "standard output" if path == "-" else f"-w {path}"
+            raise UsageError(
+                f"{output} is the input file {source.name}: writing would destroy it before "
+                "it is read; write the merge to another file"
+            )
 
 
 class FileStream:

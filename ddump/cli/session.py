@@ -275,13 +275,13 @@ class Session:
         if not wait_ns:
             self.stop(reason)
             return
+        self._cutoff_ns = time.time_ns()  # what is captured later is not written
         wait_s = (wait_ns + self.settings.max_delay_ns) / 1e9
         again = "again " if reason == "SIGINT" else ""
         self.reporter.info(
             f"{reason}: stopping in {wait_s:g} s, once batch targets have handed over "
             f"their last packets (Ctrl-C {again}to stop now)"
         )
-        self._cutoff_ns = time.time_ns()  # what is captured later is not written
         self._stop_timer = asyncio.get_running_loop().call_later(wait_s, self.stop, reason)
 
     def stop(self, reason: str) -> None:
@@ -515,11 +515,14 @@ class Session:
 
     def _on_data(self, run: _Run, chunk: bytes) -> Awaitable[None] | None:
         run.counts.bytes += len(chunk)
+        truncated = run.parser.truncated
         try:
             records = run.parser.feed(chunk)
         except PcapFormatError as exc:
             self._accept(run, exc.records)  # the good records before the bad bytes
-            raise StreamFailure(f"not a pcap stream: {exc}") from None
+            raise StreamFailure(str(exc)) from None  # it says what the bytes are
+        finally:
+            run.counts.truncated += run.parser.truncated - truncated
         self._accept(run, records)
         if run.refused:
             raise StreamFailure(run.refused)
@@ -535,9 +538,11 @@ class Session:
         if not records or self.stopping or run.refused:
             return
         if self._cutoff_ns is not None and isinstance(run.target, Target):
-            # In the worker's clock, by the offset's upper bound: nothing captured before the
-            # stop is lost (a batch stream's clock is never learnt closer: its packets are late).
-            cutoff = self._cutoff_ns + max(run.clock_offset_ns, run.clock_offset_high_ns)
+            # In the worker's clock, by the offset's low end: the worker reads its clock just
+            # before it answers, so that end is off by the answer's way here (well under a
+            # millisecond on a LAN). The high end adds the whole request, tcpdump's start
+            # included (measured 34-74 ms on an idle host): a cut that late, different per target.
+            cutoff = self._cutoff_ns + run.clock_offset_ns
             records = batches.pack([record for record in records if record[0] <= cutoff])
             if not records:
                 return
@@ -643,7 +648,7 @@ class Session:
         try:
             run.parser.close()
         except PcapFormatError as exc:
-            raise StreamFailure(f"stream cut: {exc}") from None
+            raise StreamFailure(str(exc)) from None  # it says where the stream was cut
         if run.parser.header is None:
             raise StreamFailure("the response ended before a pcap header")
 
