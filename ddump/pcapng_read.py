@@ -1,0 +1,518 @@
+"""pcapng input: an incremental block parser that yields ddump's records per interface (no I/O).
+
+A pcapng file (draft-ietf-opsawg-pcapng) is a sequence of blocks, `type u32, total length u32,
+body, total length u32`, in the byte order of the Section Header Block (SHB) that starts its
+section. Each section describes its interfaces in Interface Description Blocks (IDB), numbered
+from 0 in the order they appear; packets say which one they came through. A new SHB starts a
+new section, with its own byte order and no interface.
+
+What this parser turns into records: Enhanced Packet Blocks (EPB), Simple Packet Blocks (SPB)
+and the obsolete Packet Blocks (PB) of old Wireshark versions. Every other block (name
+resolution, interface statistics, decryption secrets, custom and unknown types) is skipped by
+its length, after the same length checks. Records leave in ddump's one internal form, a 16-byte
+little-endian nanosecond pcap record header then the data (ddump/records.py), in runs of
+consecutive packets of one interface, in file order.
+
+Timestamps are integer nanoseconds, never floats. if_tsresol gives the unit: 10^-k s (the
+default is microseconds, k = 6) or 2^-k s; a unit finer than a nanosecond (10^-10 s, 2^-30 s,
+...) is rounded down to the nanosecond, the only precision ddump keeps. if_tsoffset (whole
+seconds) is added. A timestamp before 1970 or at 2^63 ns (year 2262) or later cannot be an
+integer ns timestamp of ours and is refused; from 2^32 s (year 2106) on, the 32-bit seconds of
+the record header wrap, as in ddump/pcap.py, while the record's own timestamp stays exact.
+
+An SPB has no timestamp. mergecap writes it out as soon as it reads it, and in place: its
+file's previous packet has just been written. Here it takes the timestamp of the stream's
+previous packet (0, 1970, if it is the first), which puts it in the same place in a merge.
+
+A packet longer than its interface's snapshot length, or than 262144 bytes (what tcpdump and
+ddump's pcap output accept), is cut to that length, keeping its original length; such cuts are
+counted in `truncated`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from ddump import records as batches
+from ddump.errors import PcapFormatError
+from ddump.pcap import DEFAULT_SNAPLEN, describe_bytes
+from ddump.records import Record, Records
+
+BLOCK_SHB: Final = 0x0A0D0D0A  # a palindrome: the same in both byte orders
+BLOCK_IDB: Final = 0x00000001
+BLOCK_PB: Final = 0x00000002  # obsolete Packet Block
+BLOCK_SPB: Final = 0x00000003
+BLOCK_EPB: Final = 0x00000006
+BYTE_ORDER_MAGIC: Final = 0x1A2B3C4D
+
+IF_NAME: Final = 2
+IF_DESCRIPTION: Final = 3
+IF_TSRESOL: Final = 9
+IF_TSOFFSET: Final = 14
+
+GZIP_MAGIC: Final = b"\x1f\x8b"
+_PCAP_MAGICS: Final = tuple(
+    m.to_bytes(4, order) for m in (0xA1B2C3D4, 0xA1B23C4D) for order in ("little", "big")
+)
+_SHB_BYTES: Final = BLOCK_SHB.to_bytes(4, "little")
+_OTHER_FORMATS: Final = {  # magic -> what to say
+    b"BZh": "bzip2-compressed data: decompress it first (bunzip2)",
+    b"\xfd7zXZ": "xz-compressed data: decompress it first (unxz)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed data: decompress it first (unzstd)",
+    b"PK\x03\x04": "a zip archive: extract the capture first",
+}
+
+# Wireshark's largest block (pcapng.c MAX_BLOCK_SIZE): a longer length is a corrupt file, not
+# a reason to buffer gigabytes.
+MAX_BLOCK: Final = 28 + 128 * 1024 * 1024 + 131072
+_MIN_TOTAL: Final = {BLOCK_SHB: 28, BLOCK_IDB: 20, BLOCK_PB: 32, BLOCK_SPB: 16, BLOCK_EPB: 32}
+_BLOCK_NAMES: Final = {
+    BLOCK_SHB: "Section Header Block",
+    BLOCK_IDB: "Interface Description Block",
+    BLOCK_PB: "Packet Block",
+    BLOCK_SPB: "Simple Packet Block",
+    BLOCK_EPB: "Enhanced Packet Block",
+}
+_HEAD_LEN: Final = 12  # type, total length, and (in an SHB) the byte-order magic
+_NS: Final = 1_000_000_000
+_MAX_NS: Final = 1 << 63
+_LOW32: Final = 0xFFFFFFFF
+_REC: Final = struct.Struct("<IIII")  # ddump's record header: sec, nsec, caplen, orig_len
+
+
+@dataclass(frozen=True)
+class InputInterface:
+    """One IDB as read; `snaplen` is the length records of it are cut to (at most 262144)."""
+
+    linktype: int
+    snaplen: int
+    name: str | None  # if_name
+    description: str | None  # if_description
+    section: int  # 0 for the first SHB, 1 for the next, ...
+    id: int  # interface id within its section
+
+
+class PcapngFormatError(PcapFormatError):
+    """A pcapng stream that cannot be read on; `runs` holds the good runs parsed before."""
+
+    def __init__(
+        self, message: str, runs: list[tuple[InputInterface, Records]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.runs = runs if runs is not None else []
+
+
+class _Order:
+    """The structs for one byte order."""
+
+    def __init__(self, prefix: str) -> None:
+        self.big_endian = prefix == ">"
+        self.head = struct.Struct(prefix + "II")  # type, total length
+        self.u32 = struct.Struct(prefix + "I")
+        self.epb = struct.Struct(prefix + "7I")  # type total ifid ts_high ts_low caplen origlen
+        self.pb = struct.Struct(prefix + "IIHHIIII")  # ... ifid drops ts_high ts_low caplen len
+        self.shb = struct.Struct(prefix + "IIIHH")  # type total magic major minor
+        self.idb = struct.Struct(prefix + "HHI")  # linktype reserved snaplen
+        self.opt = struct.Struct(prefix + "HH")  # code, length
+        self.i64 = struct.Struct(prefix + "q")
+
+
+_LE: Final = _Order("<")
+_BE: Final = _Order(">")
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """ns = (units * mul >> shift) // div + offset: exact, rounding down below 1 ns."""
+
+    mul: int = 1000
+    shift: int = 0
+    div: int = 1
+    offset: int = 0
+
+    @property
+    def simple(self) -> bool:
+        return self.shift == 0 and self.div == 1
+
+    @classmethod
+    def from_options(cls, tsresol: bytes | None, tsoffset: int) -> _Clock:
+        offset = tsoffset * _NS
+        if not tsresol:
+            return cls(offset=offset)
+        exponent = tsresol[0] & 0x7F
+        if tsresol[0] & 0x80:  # 2^-exponent s
+            return cls(_NS, exponent, 1, offset)
+        if exponent <= 9:
+            return cls(10 ** (9 - exponent), 0, 1, offset)
+        return cls(1, 0, 10 ** (exponent - 9), offset)
+
+
+def sniff(first_bytes: bytes) -> str:
+    """The format of a file starting with `first_bytes`: "pcap", "pcapng" or "gzip".
+
+    Four bytes suffice. Anything else raises PcapFormatError saying what the bytes look like.
+    """
+    if first_bytes.startswith(GZIP_MAGIC):
+        return "gzip"
+    head = first_bytes[:4]
+    if head == _SHB_BYTES:
+        return "pcapng"
+    if head in _PCAP_MAGICS:
+        return "pcap"
+    for magic, what in _OTHER_FORMATS.items():
+        if first_bytes.startswith(magic):
+            raise PcapFormatError(f"not a capture file: got {what}")
+    if len(first_bytes) < 4:
+        raise PcapFormatError(
+            f"not a capture file: only {len(first_bytes)} bytes, too short for any capture format"
+        )
+    return _refuse(first_bytes)
+
+
+def _refuse(data: bytes) -> str:
+    description = describe_bytes(data)
+    raise PcapFormatError(f"not a pcap, pcapng or gzip file: {description}")
+
+
+class PcapngStreamParser:
+    """Turns a pcapng byte stream, fed in arbitrary chunks, into runs of records.
+
+    After a PcapFormatError (a PcapngFormatError carrying the good runs before it) the parser
+    must not be fed again.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0  # packets returned so far
+        self.truncated = 0  # packets cut to their interface's snaplen or to 262144 bytes
+        self.bytes_in = 0
+        self.section = -1  # no SHB seen yet
+        self.interfaces: list[InputInterface] = []  # the current section's
+        self._order = _LE
+        self._clocks: list[_Clock] = []
+        self._snaplens: list[int] = []  # as the IDBs say (0: no limit)
+        # Unparsed bytes: a list of chunks joined only when the block they start is complete.
+        self._tail: list[bytes] = []
+        self._pending = 0
+        self._need = _HEAD_LEN
+        self._offset = 0  # stream offset of the first unparsed byte
+        self._out: list[tuple[InputInterface, Records]] = []
+        self._run: list[Record] = []
+        self._run_id = -1  # interface of the run being built; -1: none
+        self._last_ns = 0
+
+    def feed(self, data: bytes) -> list[tuple[InputInterface, Records]]:
+        """Parse what `data` completes; keep any partial block for the next call.
+
+        A run of one interface may be cut where a feed ends: the next feed goes on with it.
+        """
+        if not data:
+            return []
+        if type(data) is not bytes:
+            data = bytes(data)
+        self.bytes_in += len(data)
+        self._out = []
+        try:
+            self._feed(data)
+        except PcapngFormatError as error:
+            self._flush_run()
+            error.runs = self._out
+            raise
+        self._flush_run()
+        out, self._out = self._out, []
+        return out
+
+    def _feed(self, data: bytes) -> None:
+        size = len(data)
+        pos = 0
+        # The block that straddles two chunks is completed from just the bytes it lacks (twice
+        # at most: its first 12 bytes tell its length); the rest of the chunk is parsed where it
+        # lies, as in PcapStreamParser.
+        while self._tail:
+            take = self._need - self._pending
+            if take > size - pos:
+                self._tail.append(data[pos:])
+                self._pending += size - pos
+                return
+            self._tail.append(data[pos : pos + take])
+            pos += take
+            head = b"".join(self._tail)
+            self._tail = []
+            self._pending = 0
+            used = self._parse(head, 0, self._offset)
+            self._offset += used
+            if used < len(head):  # only its first 12 bytes were complete: now the rest
+                self._tail = [head[used:]]
+                self._pending = len(head) - used
+        used = self._parse(data, pos, self._offset - pos)
+        self._offset += used - pos
+        if used < size:
+            self._tail = [data[used:]]
+            self._pending = size - used
+
+    def close(self) -> None:
+        """Raise PcapFormatError if the stream ended inside a block."""
+        if not self._pending:
+            return
+        data = b"".join(self._tail)
+        if self.section < 0 and not data.startswith(_SHB_BYTES[: len(data)]):
+            _refuse_stream(data)
+        raise PcapngFormatError(
+            f"pcapng stream cut mid-block: the block at byte {self._offset} ends "
+            f"{self._need - self._pending} bytes short (got {self._pending} of "
+            f"{'its first ' if self._need == _HEAD_LEN else ''}{self._need} bytes): "
+            "the file is truncated"
+        )
+
+    # ---- blocks ----
+
+    def _parse(self, buf: bytes, pos: int, base: int) -> int:
+        """Parse the whole blocks of buf from pos (buf[0] is at stream offset `base`).
+
+        Returns where parsing stopped and sets self._need to what the block there needs.
+        """
+        end = len(buf)
+        while True:
+            if self._run_id >= 0:
+                pos = self._epbs(buf, pos, end)
+            if end - pos < _HEAD_LEN:
+                self._need = _HEAD_LEN
+                return pos
+            kind, total = self._order.head.unpack_from(buf, pos)
+            if kind == BLOCK_SHB:
+                self._order = self._section_order(buf, pos, base)
+                kind, total = self._order.head.unpack_from(buf, pos)
+            elif self.section < 0:
+                _refuse_stream(buf[pos:])
+            where = f"{_block_name(kind)} at byte {base + pos}"
+            if total < _MIN_TOTAL.get(kind, 12) or total & 3 or total > MAX_BLOCK:
+                raise PcapngFormatError(
+                    f"pcapng {where}: total length {total} is "
+                    + _length_fault(total, _MIN_TOTAL.get(kind, 12))
+                    + ": the file is corrupt"
+                )
+            if total > end - pos:
+                self._need = total
+                return pos
+            trailer = self._order.u32.unpack_from(buf, pos + total - 4)[0]
+            if trailer != total:
+                raise PcapngFormatError(
+                    f"pcapng {where}: total length {total} at its start but {trailer} at its "
+                    "end: the file is corrupt"
+                )
+            if kind == BLOCK_EPB:
+                self._epb(buf, pos, total, where)
+            elif kind == BLOCK_SPB:
+                self._spb(buf, pos, total, where)
+            elif kind == BLOCK_PB:
+                self._pb(buf, pos, total, where)
+            elif kind == BLOCK_IDB:
+                self._idb(buf, pos, total, where)
+            elif kind == BLOCK_SHB:
+                self._shb(buf, pos, where)
+            pos += total
+
+    def _epbs(self, buf: bytes, pos: int, end: int) -> int:
+        """The hot loop: EPBs of the current run's interface, as long as nothing is unusual.
+
+        Anything else (another block or interface, a cut, a bad length, a timestamp out of
+        range, the end of the buffer) stops it; `_parse` then handles that block in full.
+        """
+        run_id = self._run_id
+        clock = self._clocks[run_id]
+        if not clock.simple:
+            return pos
+        mul = clock.mul
+        offset = clock.offset
+        limit = self.interfaces[run_id].snaplen
+        run = self._run
+        append = run.append
+        unpack = self._order.epb.unpack_from
+        trailer = self._order.u32.unpack_from
+        pack = _REC.pack
+        last = end - 28
+        while pos <= last:
+            kind, total, ifid, high, low, caplen, origlen = unpack(buf, pos)
+            if kind != BLOCK_EPB or ifid != run_id or caplen > limit:
+                break
+            nxt = pos + total
+            if nxt > end or total & 3 or caplen + 32 > total or trailer(buf, nxt - 4)[0] != total:
+                break
+            ns = (high << 32 | low) * mul + offset
+            if not 0 <= ns < _MAX_NS:
+                break
+            sec, nsec = divmod(ns, _NS)
+            start = pos + 28
+            append((ns, pack(sec & _LOW32, nsec, caplen, origlen) + buf[start : start + caplen]))
+            pos = nxt
+        return pos
+
+    def _epb(self, buf: bytes, pos: int, total: int, where: str) -> None:
+        _, _, ifid, high, low, caplen, origlen = self._order.epb.unpack_from(buf, pos)
+        if caplen > total - 32:
+            raise PcapngFormatError(
+                f"pcapng {where}: captured length {caplen} does not fit in its "
+                f"{total}-byte block: the file is corrupt"
+            )
+        self._packet(ifid, high << 32 | low, buf, pos + 28, caplen, origlen, where)
+
+    def _pb(self, buf: bytes, pos: int, total: int, where: str) -> None:
+        _, _, ifid, _, high, low, caplen, origlen = self._order.pb.unpack_from(buf, pos)
+        if caplen > total - 32:
+            raise PcapngFormatError(
+                f"pcapng {where}: captured length {caplen} does not fit in its "
+                f"{total}-byte block: the file is corrupt"
+            )
+        self._packet(ifid, high << 32 | low, buf, pos + 28, caplen, origlen, where)
+
+    def _spb(self, buf: bytes, pos: int, total: int, where: str) -> None:
+        # The captured length is not in the block: the spec makes it the smaller of the
+        # original length and the interface's snaplen; the padded block bounds it too.
+        if not self.interfaces:
+            raise PcapngFormatError(
+                f"pcapng {where}: a packet of interface 0, but its section has no "
+                "Interface Description Block before it: the file is corrupt"
+            )
+        origlen = self._order.u32.unpack_from(buf, pos + 8)[0]
+        caplen = min(origlen, self._snaplens[0]) if self._snaplens[0] else origlen
+        if caplen > total - 16:
+            raise PcapngFormatError(
+                f"pcapng {where}: a {caplen}-byte packet does not fit in its {total}-byte "
+                "block: the file is corrupt"
+            )
+        ns = self._run[-1][0] if self._run else self._last_ns
+        self._emit(0, ns, buf, pos + 12, caplen, origlen)
+
+    def _packet(
+        self, ifid: int, units: int, buf: bytes, start: int, caplen: int, origlen: int, where: str
+    ) -> None:
+        if ifid >= len(self.interfaces):
+            known = len(self.interfaces)
+            raise PcapngFormatError(
+                f"pcapng {where}: interface id {ifid}, but its section describes "
+                + (f"only interfaces 0 to {known - 1}" if known else "no interface")
+                + ": the file is corrupt"
+            )
+        clock = self._clocks[ifid]
+        ns = (units * clock.mul >> clock.shift) // clock.div + clock.offset
+        if not 0 <= ns < _MAX_NS:
+            raise PcapngFormatError(
+                f"pcapng {where}: timestamp {ns} ns since 1970 is out of the range ddump "
+                "keeps (0 to 2^63 ns, the year 2262): the file is corrupt or its "
+                "if_tsresol / if_tsoffset wrong"
+            )
+        self._emit(ifid, ns, buf, start, caplen, origlen)
+
+    def _emit(self, ifid: int, ns: int, buf: bytes, start: int, caplen: int, origlen: int) -> None:
+        limit = self.interfaces[ifid].snaplen
+        if caplen > limit:
+            caplen = limit
+            self.truncated += 1
+        if ifid != self._run_id:
+            self._flush_run()
+            self._run_id = ifid
+        sec, nsec = divmod(ns, _NS)
+        header = _REC.pack(sec & _LOW32, nsec, caplen, origlen)
+        self._run.append((ns, header + buf[start : start + caplen]))
+
+    def _flush_run(self) -> None:
+        if self._run:
+            self._out.append((self.interfaces[self._run_id], batches.pack(self._run)))
+            self.records += len(self._run)
+            self._last_ns = self._run[-1][0]
+            self._run = []
+
+    def _section_order(self, buf: bytes, pos: int, base: int) -> _Order:
+        magic = _LE.u32.unpack_from(buf, pos + 8)[0]
+        if magic == BYTE_ORDER_MAGIC:
+            return _LE
+        if magic == 0x4D3C2B1A:
+            return _BE
+        raise PcapngFormatError(
+            f"pcapng Section Header Block at byte {base + pos}: byte-order magic "
+            f"{buf[pos + 8 : pos + 12].hex()} is neither 1a2b3c4d nor 4d3c2b1a: "
+            "the file is corrupt or not pcapng"
+        )
+
+    def _shb(self, buf: bytes, pos: int, where: str) -> None:
+        major, minor = self._order.shb.unpack_from(buf, pos)[3:]
+        if major != 1:
+            raise PcapngFormatError(
+                f"pcapng {where}: version {major}.{minor}, and ddump reads version 1.x"
+            )
+        self._flush_run()
+        self._run_id = -1
+        self.section += 1
+        self.interfaces = []
+        self._clocks = []
+        self._snaplens = []
+
+    def _idb(self, buf: bytes, pos: int, total: int, where: str) -> None:
+        linktype, _, snaplen = self._order.idb.unpack_from(buf, pos + 8)
+        found = _options(buf, pos + 16, pos + total - 4, self._order, where)
+        tsoffset = found.get(IF_TSOFFSET)
+        if tsoffset is not None and len(tsoffset) != 8:
+            raise PcapngFormatError(
+                f"pcapng {where}: if_tsoffset is {len(tsoffset)} bytes, not 8: the file is corrupt"
+            )
+        offset = self._order.i64.unpack(tsoffset)[0] if tsoffset else 0
+        limit = min(snaplen, DEFAULT_SNAPLEN) if snaplen else DEFAULT_SNAPLEN
+        interface = InputInterface(
+            linktype,
+            limit,
+            _text(found.get(IF_NAME)),
+            _text(found.get(IF_DESCRIPTION)),
+            self.section,
+            len(self.interfaces),
+        )
+        self.interfaces.append(interface)
+        self._clocks.append(_Clock.from_options(found.get(IF_TSRESOL), offset))
+        self._snaplens.append(snaplen)
+
+
+def _options(buf: bytes, pos: int, end: int, order: _Order, where: str) -> dict[int, bytes]:
+    """The options from pos to end (the block's trailer): code -> value, the first of each."""
+    found: dict[int, bytes] = {}
+    while end - pos >= 4:
+        code, length = order.opt.unpack_from(buf, pos)
+        if code == 0:  # opt_endofopt
+            break
+        start = pos + 4
+        if length > end - start:
+            raise PcapngFormatError(
+                f"pcapng {where}: option {code} is {length} bytes long, past the end of "
+                "its block: the file is corrupt"
+            )
+        found.setdefault(code, buf[start : start + length])
+        pos = start + ((length + 3) & ~3)
+    return found
+
+
+def _text(value: bytes | None) -> str | None:
+    # UTF-8 strings, maybe NUL-terminated by older writers; undecodable bytes become U+FFFD.
+    if value is None:
+        return None
+    return value.rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def _block_name(kind: int) -> str:
+    return _BLOCK_NAMES.get(kind, f"block of type 0x{kind:08x}")
+
+
+def _length_fault(total: int, minimum: int) -> str:
+    if total < minimum:
+        return f"shorter than the {minimum} bytes such a block needs"
+    if total & 3:
+        return "not a multiple of 4"
+    return f"larger than the {MAX_BLOCK} bytes Wireshark accepts"
+
+
+def _refuse_stream(data: bytes) -> None:
+    raise PcapngFormatError(f"not a pcapng stream (no Section Header Block first): {_what(data)}")
+
+
+def _what(data: bytes) -> str:
+    if data[:4] in _PCAP_MAGICS:
+        return "got classic pcap"
+    return describe_bytes(data)
