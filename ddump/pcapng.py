@@ -248,9 +248,11 @@ class PcapngWriter:
     def _input_interface(self, state: _Target, iface: InputInterface) -> int:
         label = iface.name if iface.name is not None else f"#{iface.id}"
         snaplen = iface.snaplen if self.snaplen is None else self.snaplen
-        description = iface.description or state.description
+        # The description says where the packets came from (the file), as for every target;
+        # the input's own if_description is not kept.
         interface = self._add(
-            state.index, Interface(f"{state.name}:{label}", description, iface.linktype, snaplen)
+            state.index,
+            Interface(f"{state.name}:{label}", state.description, iface.linktype, snaplen),
         )
         state.inputs[iface] = interface
         return interface
