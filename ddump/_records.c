@@ -15,6 +15,8 @@
  *   from_records(records) -> batch  a batch holding the given tuples
  *   batch.data                      the records' bytes, back to back
  *   skip(buf, pos, big_endian) -> (count, pos)   count records, reading only caplens (worker)
+ *   scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos)
+ *                                   pcapng packets of one interface, rewritten as records
  *
  * Records are always the output encoding (little-endian, nanosecond record headers), as in
  * ddump/pcap.py.
@@ -690,6 +692,113 @@ done:
     return (PyObject *)merged;
 }
 
+/* scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos): the pcapng
+ * Enhanced Packet Blocks of interface `ifid` that follow each other from pos, rewritten as
+ * records (ddump/pcapng_read.py) into one new bytes object, with ts = units * mul + offset.
+ * It stops, without an error, before the first block that is anything else or anything unusual
+ * (another type or interface, caplen > limit, a length that is wrong or runs past the buffer, a
+ * timestamp outside 0 .. 2^63-1 ns): the caller parses that block in full and reports it. */
+static inline uint32_t
+read_u32(const char *p, int big)
+{
+    const unsigned char *u = (const unsigned char *)p;
+    if (big)
+        return (uint32_t)u[3] | (uint32_t)u[2] << 8 | (uint32_t)u[1] << 16 | (uint32_t)u[0] << 24;
+    return read_le32(p);
+}
+
+static inline void
+write_le32(char *p, uint32_t v)
+{
+    unsigned char *u = (unsigned char *)p;
+    u[0] = (unsigned char)v;
+    u[1] = (unsigned char)(v >> 8);
+    u[2] = (unsigned char)(v >> 16);
+    u[3] = (unsigned char)(v >> 24);
+}
+
+/* The block at p, if it is one the fast path takes: its timestamp in *ts; else 0. */
+static inline int
+plain_epb(const char *p, Py_ssize_t room, uint32_t ifid, int big, int64_t mul, int64_t offset,
+          uint32_t limit, int64_t *ts)
+{
+    if (room < 28 || read_u32(p, big) != 6 || read_u32(p + 8, big) != ifid)
+        return 0;
+    uint32_t total = read_u32(p + 4, big), caplen = read_u32(p + 20, big);
+    if (caplen > limit || (Py_ssize_t)total > room || (total & 3)
+        || (uint64_t)caplen + 32 > total || read_u32(p + total - 4, big) != total)
+        return 0;
+    uint64_t units = (uint64_t)read_u32(p + 12, big) << 32 | read_u32(p + 16, big);
+    int64_t scaled;
+    if (units > (uint64_t)INT64_MAX || __builtin_mul_overflow((int64_t)units, mul, &scaled)
+        || __builtin_add_overflow(scaled, offset, ts) || *ts < 0)
+        return 0;
+    return 1;
+}
+
+static PyObject *
+records_scan_epbs(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *buf;
+    Py_ssize_t pos;
+    unsigned int ifid, limit;
+    int big;
+    long long mul, offset;
+    if (!PyArg_ParseTuple(args, "O!nIpLLI", &PyBytes_Type, &buf, &pos, &ifid, &big, &mul,
+                          &offset, &limit))
+        return NULL;
+    const char *base = PyBytes_AS_STRING(buf);
+    Py_ssize_t end = PyBytes_GET_SIZE(buf);
+    if (pos < 0 || pos > end || mul < 0) {
+        PyErr_SetString(PyExc_ValueError, "pos or mul out of range");
+        return NULL;
+    }
+    /* Two passes: the first finds how many blocks qualify and how many bytes their records
+     * take, the second writes them. */
+    Py_ssize_t n = 0, size = 0, stop = pos;
+    int64_t ts;
+    while (plain_epb(base + stop, end - stop, ifid, big, mul, offset, limit, &ts)) {
+        size += RECORD_HEADER_LEN + (Py_ssize_t)read_u32(base + stop + 20, big);
+        stop += (Py_ssize_t)read_u32(base + stop + 4, big);
+        n++;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL)
+        return NULL;
+    PyObject *owners = PyTuple_Pack(1, data);
+    Py_DECREF(data);
+    if (owners == NULL)
+        return NULL;
+    Batch *batch = batch_new(n, owners);
+    Py_DECREF(owners);
+    if (batch == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(data);
+    int64_t prev = INT64_MIN;
+    int sorted = 1;
+    for (Py_ssize_t i = 0, at = pos; i < n; i++) {
+        const char *p = base + at;
+        plain_epb(p, end - at, ifid, big, mul, offset, limit, &ts);
+        uint32_t caplen = read_u32(p + 20, big);
+        write_le32(out, (uint32_t)(ts / 1000000000));  /* the 32-bit seconds wrap in 2106 */
+        write_le32(out + 4, (uint32_t)(ts % 1000000000));
+        write_le32(out + 8, caplen);
+        write_le32(out + 12, read_u32(p + 24, big));
+        memcpy(out + RECORD_HEADER_LEN, p + 28, caplen);
+        if (ts < prev)
+            sorted = 0;
+        prev = ts;
+        batch->ptr[i] = out;
+        batch->ts[i] = ts;
+        out += RECORD_HEADER_LEN + caplen;
+        at += (Py_ssize_t)read_u32(p + 4, big);
+    }
+    batch->n = n;
+    batch->sorted = sorted;
+    return Py_BuildValue("(Nn)", (PyObject *)batch, stop);
+}
+
 static PyMethodDef records_methods[] = {
     {"scan", records_scan, METH_VARARGS,
      "scan(buf, pos, limit) -> (batch, pos, need, bad_caplen): whole LE-nano records."},
@@ -699,6 +808,8 @@ static PyMethodDef records_methods[] = {
      "skip(buf, pos, big_endian) -> (records, pos): steps over whole records, reading caplens."},
     {"concat", records_concat, METH_O,
      "concat(batches) -> one batch of all their records, in order (no bytes are copied)."},
+    {"scan_epbs", records_scan_epbs, METH_VARARGS,
+     "scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos): pcapng EPBs."},
     {"from_records", records_from_records, METH_O,
      "from_records(records) -> batch of the given (timestamp, bytes) records."},
     {NULL, NULL, 0, NULL},

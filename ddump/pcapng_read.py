@@ -198,7 +198,8 @@ class PcapngStreamParser:
         self._need = _HEAD_LEN
         self._offset = 0  # stream offset of the first unparsed byte
         self._out: list[tuple[InputInterface, Records]] = []
-        self._run: list[Record] = []
+        self._parts: list[Records] = []  # the run being built: batches, then ...
+        self._run: list[Record] = []  # ... records parsed one by one, after them
         self._run_id = -1  # interface of the run being built; -1: none
         self._last_ns = 0
 
@@ -326,6 +327,18 @@ class PcapngStreamParser:
         mul = clock.mul
         offset = clock.offset
         limit = self.interfaces[run_id].snaplen
+        if -_MAX_NS <= offset < _MAX_NS and mul < _MAX_NS:
+            scanned = batches.scan_epbs(
+                buf, pos, run_id, self._order.big_endian, mul, offset, limit
+            )
+            if scanned is not None:
+                batch, pos = scanned
+                if batch:
+                    if self._run:
+                        self._parts.append(batches.pack(self._run))
+                        self._run = []
+                    self._parts.append(batch)
+                return pos
         run = self._run
         append = run.append
         unpack = self._order.epb.unpack_from
@@ -381,7 +394,12 @@ class PcapngStreamParser:
                 f"pcapng {where}: a {caplen}-byte packet does not fit in its {total}-byte "
                 "block: the file is corrupt"
             )
-        ns = self._run[-1][0] if self._run else self._last_ns
+        if self._run:
+            ns = self._run[-1][0]
+        elif self._parts:
+            ns = batches.last_ts(self._parts[-1])
+        else:
+            ns = self._last_ns
         self._emit(0, ns, buf, pos + 12, caplen, origlen)
 
     def _packet(
@@ -418,10 +436,14 @@ class PcapngStreamParser:
 
     def _flush_run(self) -> None:
         if self._run:
-            self._out.append((self.interfaces[self._run_id], batches.pack(self._run)))
-            self.records += len(self._run)
-            self._last_ns = self._run[-1][0]
+            self._parts.append(batches.pack(self._run))
             self._run = []
+        if self._parts:
+            run = batches.concat(self._parts)
+            self._parts = []
+            self._out.append((self.interfaces[self._run_id], run))
+            self.records += len(run)
+            self._last_ns = batches.last_ts(run)
 
     def _section_order(self, buf: bytes, pos: int, base: int) -> _Order:
         magic = _LE.u32.unpack_from(buf, pos + 8)[0]

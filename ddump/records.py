@@ -100,6 +100,18 @@ def skip(buf: bytes, pos: int, big_endian: bool) -> tuple[int, int]:
     return count, pos
 
 
+def scan_epbs(
+    buf: bytes, pos: int, ifid: int, big_endian: bool, mul: int, offset: int, limit: int
+) -> tuple[Records, int] | None:
+    """pcapng packets of interface `ifid` from `pos`, as records: (batch, pos); see _records.c.
+
+    None where the C part is not built: the caller parses them itself (ddump/pcapng_read.py).
+    """
+    if _c is None:
+        return None
+    return _c.scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit)
+
+
 def pack(records: list[Record]) -> Records:
     """The fastest form of a list of pcap records (not pcapng blocks): a Batch where built."""
     if _c is None or not records:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ddump import records
 from ddump.errors import PcapFormatError
 from ddump.pcapng_read import (
     InputInterface,
@@ -490,3 +491,60 @@ def test_sniff_names_what_it_refuses(first: bytes, said: str) -> None:
     with pytest.raises(PcapFormatError, match="not a") as caught:
         sniff(first)
     assert said in str(caught.value)
+
+
+# --- the C engine (ddump/_records.c scan_epbs) reads what the Python loop reads ---------------
+
+
+@pytest.fixture(params=["c", "python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "python":
+        monkeypatch.setattr(records, "_c", None)
+    elif records.ENGINE != "c":
+        pytest.skip("the C part (ddump/_records.c) is not built here")
+    return str(request.param)
+
+
+@settings(deadline=None, max_examples=200)
+@given(packets, st.sampled_from("<>"))
+def test_the_c_engine_reads_what_the_python_loop_reads(
+    items: list[tuple[int, int, bytes, str]], order: str
+) -> None:
+    stream = build(items, order)
+    ours = parse(stream)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(records, "_c", None)
+        assert parse(stream) == ours
+
+
+PLAIN = [epb(0, 1_700_000_000 * NS + i, b"p%d" % i) for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("odd", "said"),
+    [
+        (epb(0, 1 << 63, b"x"), "out of the range ddump keeps"),
+        (epb(0, 5, b"x")[:-4] + struct.pack("<I", 99), "36 at its start but 99 at its end"),
+        (epb(0, 5, b"x")[:20] + struct.pack("<I", 5) + epb(0, 5, b"x")[24:], "does not fit"),
+        (epb(7, 5, b"x"), "interface id 7"),
+    ],
+)
+def test_an_unusual_packet_after_plain_ones_is_refused_by_either_engine(
+    engine: str, odd: bytes, said: str
+) -> None:
+    head = shb() + idb(1, 8, option(9, b"\x09"))
+    parser = PcapngStreamParser()
+    with pytest.raises(PcapngFormatError, match=said) as caught:
+        parser.feed(head + b"".join(PLAIN) + odd)
+    [(_, batch)] = caught.value.runs
+    assert [rec[16:] for _, rec in batch] == [b"p0", b"p1", b"p2"]
+
+
+def test_a_cut_packet_among_plain_ones_is_cut_by_either_engine(engine: str) -> None:
+    long_one = epb(0, 1_700_000_000 * NS + 9, b"0123456789", 1000)
+    parser = PcapngStreamParser()
+    stream = shb() + idb(1, 8, option(9, b"\x09")) + PLAIN[0] + long_one + PLAIN[1] + PLAIN[2]
+    [(_, batch)] = parser.feed(stream)
+    assert list(batch)[1] == record(1_700_000_000 * NS + 9, b"01234567", 1000)
+    assert [rec[16:] for _, rec in batch] == [b"p0", b"01234567", b"p1", b"p2"]
+    assert parser.truncated == 1
