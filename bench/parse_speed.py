@@ -25,7 +25,7 @@ def parse(data: bytes, chunk: int) -> int:
     kind = sniff(data[:4])
     gzip = GzipDecoder() if kind == "gzip" else None
     if gzip is not None:
-        kind = sniff(gzip.feed(data[:64]))  # only to choose the parser; decoded again below
+        kind = sniff(gzip.feed(data[:65536]))  # only to choose the parser; decoded again below
         gzip = GzipDecoder()
     count = 0
     pcap = PcapStreamParser() if kind == "pcap" else None

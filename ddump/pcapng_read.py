@@ -20,9 +20,10 @@ seconds) is added. A timestamp before 1970 or at 2^63 ns (year 2262) or later ca
 integer ns timestamp of ours and is refused; from 2^32 s (year 2106) on, the 32-bit seconds of
 the record header wrap, as in ddump/pcap.py, while the record's own timestamp stays exact.
 
-An SPB has no timestamp. mergecap writes it out as soon as it reads it, and in place: its
-file's previous packet has just been written. Here it takes the timestamp of the stream's
-previous packet (0, 1970, if it is the first), which puts it in the same place in a merge.
+An SPB has no timestamp. mergecap writes it out as soon as it reads it, so in place (its
+file's previous packet has just been written), but with the time 0 (1970), which makes its
+output go back in time. Here it takes the timestamp of the stream's previous packet (0 if it is
+the first), which puts it in the same place in a merge and keeps the output in order.
 
 A packet longer than its interface's snapshot length, or than 262144 bytes (what tcpdump and
 ddump's pcap output accept), is cut to that length, keeping its original length; such cuts are
@@ -37,46 +38,36 @@ from typing import Final
 
 from ddump import records as batches
 from ddump.errors import PcapFormatError
-from ddump.pcap import DEFAULT_SNAPLEN, describe_bytes
+from ddump.formats import PCAPNG_MAGIC, describe
+from ddump.formats import sniff as sniff
+from ddump.pcap import DEFAULT_SNAPLEN
+from ddump.pcapng_blocks import (
+    BIG,
+    BLOCK_EPB,
+    BLOCK_IDB,
+    BLOCK_PB,
+    BLOCK_SHB,
+    BLOCK_SPB,
+    BYTE_ORDER_MAGIC,
+    BYTE_ORDER_SWAPPED,
+    IF_DESCRIPTION,
+    IF_NAME,
+    IF_TSOFFSET,
+    IF_TSRESOL,
+    LITTLE,
+    MAX_BLOCK,
+    MIN_TOTAL,
+    NS,
+    ByteOrder,
+    Clock,
+    block_name,
+    length_fault,
+    option_text,
+    read_options,
+)
 from ddump.records import Record, Records
 
-BLOCK_SHB: Final = 0x0A0D0D0A  # a palindrome: the same in both byte orders
-BLOCK_IDB: Final = 0x00000001
-BLOCK_PB: Final = 0x00000002  # obsolete Packet Block
-BLOCK_SPB: Final = 0x00000003
-BLOCK_EPB: Final = 0x00000006
-BYTE_ORDER_MAGIC: Final = 0x1A2B3C4D
-
-IF_NAME: Final = 2
-IF_DESCRIPTION: Final = 3
-IF_TSRESOL: Final = 9
-IF_TSOFFSET: Final = 14
-
-GZIP_MAGIC: Final = b"\x1f\x8b"
-_PCAP_MAGICS: Final = tuple(
-    m.to_bytes(4, order) for m in (0xA1B2C3D4, 0xA1B23C4D) for order in ("little", "big")
-)
-_SHB_BYTES: Final = BLOCK_SHB.to_bytes(4, "little")
-_OTHER_FORMATS: Final = {  # magic -> what to say
-    b"BZh": "bzip2-compressed data: decompress it first (bunzip2)",
-    b"\xfd7zXZ": "xz-compressed data: decompress it first (unxz)",
-    b"\x28\xb5\x2f\xfd": "zstd-compressed data: decompress it first (unzstd)",
-    b"PK\x03\x04": "a zip archive: extract the capture first",
-}
-
-# Wireshark's largest block (pcapng.c MAX_BLOCK_SIZE): a longer length is a corrupt file, not
-# a reason to buffer gigabytes.
-MAX_BLOCK: Final = 28 + 128 * 1024 * 1024 + 131072
-_MIN_TOTAL: Final = {BLOCK_SHB: 28, BLOCK_IDB: 20, BLOCK_PB: 32, BLOCK_SPB: 16, BLOCK_EPB: 32}
-_BLOCK_NAMES: Final = {
-    BLOCK_SHB: "Section Header Block",
-    BLOCK_IDB: "Interface Description Block",
-    BLOCK_PB: "Packet Block",
-    BLOCK_SPB: "Simple Packet Block",
-    BLOCK_EPB: "Enhanced Packet Block",
-}
 _HEAD_LEN: Final = 12  # type, total length, and (in an SHB) the byte-order magic
-_NS: Final = 1_000_000_000
 _MAX_NS: Final = 1 << 63
 _LOW32: Final = 0xFFFFFFFF
 _REC: Final = struct.Struct("<IIII")  # ddump's record header: sec, nsec, caplen, orig_len
@@ -104,78 +95,6 @@ class PcapngFormatError(PcapFormatError):
         self.runs = runs if runs is not None else []
 
 
-class _Order:
-    """The structs for one byte order."""
-
-    def __init__(self, prefix: str) -> None:
-        self.big_endian = prefix == ">"
-        self.head = struct.Struct(prefix + "II")  # type, total length
-        self.u32 = struct.Struct(prefix + "I")
-        self.epb = struct.Struct(prefix + "7I")  # type total ifid ts_high ts_low caplen origlen
-        self.pb = struct.Struct(prefix + "IIHHIIII")  # ... ifid drops ts_high ts_low caplen len
-        self.shb = struct.Struct(prefix + "IIIHH")  # type total magic major minor
-        self.idb = struct.Struct(prefix + "HHI")  # linktype reserved snaplen
-        self.opt = struct.Struct(prefix + "HH")  # code, length
-        self.i64 = struct.Struct(prefix + "q")
-
-
-_LE: Final = _Order("<")
-_BE: Final = _Order(">")
-
-
-@dataclass(frozen=True)
-class _Clock:
-    """ns = (units * mul >> shift) // div + offset: exact, rounding down below 1 ns."""
-
-    mul: int = 1000
-    shift: int = 0
-    div: int = 1
-    offset: int = 0
-
-    @property
-    def simple(self) -> bool:
-        return self.shift == 0 and self.div == 1
-
-    @classmethod
-    def from_options(cls, tsresol: bytes | None, tsoffset: int) -> _Clock:
-        offset = tsoffset * _NS
-        if not tsresol:
-            return cls(offset=offset)
-        exponent = tsresol[0] & 0x7F
-        if tsresol[0] & 0x80:  # 2^-exponent s
-            return cls(_NS, exponent, 1, offset)
-        if exponent <= 9:
-            return cls(10 ** (9 - exponent), 0, 1, offset)
-        return cls(1, 0, 10 ** (exponent - 9), offset)
-
-
-def sniff(first_bytes: bytes) -> str:
-    """The format of a file starting with `first_bytes`: "pcap", "pcapng" or "gzip".
-
-    Four bytes suffice. Anything else raises PcapFormatError saying what the bytes look like.
-    """
-    if first_bytes.startswith(GZIP_MAGIC):
-        return "gzip"
-    head = first_bytes[:4]
-    if head == _SHB_BYTES:
-        return "pcapng"
-    if head in _PCAP_MAGICS:
-        return "pcap"
-    for magic, what in _OTHER_FORMATS.items():
-        if first_bytes.startswith(magic):
-            raise PcapFormatError(f"not a capture file: got {what}")
-    if len(first_bytes) < 4:
-        raise PcapFormatError(
-            f"not a capture file: only {len(first_bytes)} bytes, too short for any capture format"
-        )
-    return _refuse(first_bytes)
-
-
-def _refuse(data: bytes) -> str:
-    description = describe_bytes(data)
-    raise PcapFormatError(f"not a pcap, pcapng or gzip file: {description}")
-
-
 class PcapngStreamParser:
     """Turns a pcapng byte stream, fed in arbitrary chunks, into runs of records.
 
@@ -189,8 +108,8 @@ class PcapngStreamParser:
         self.bytes_in = 0
         self.section = -1  # no SHB seen yet
         self.interfaces: list[InputInterface] = []  # the current section's
-        self._order = _LE
-        self._clocks: list[_Clock] = []
+        self._order = LITTLE
+        self._clocks: list[Clock] = []
         self._snaplens: list[int] = []  # as the IDBs say (0: no limit)
         # Unparsed bytes: a list of chunks joined only when the block they start is complete.
         self._tail: list[bytes] = []
@@ -216,10 +135,9 @@ class PcapngStreamParser:
         self._out = []
         try:
             self._feed(data)
-        except PcapngFormatError as error:
+        except PcapFormatError as error:
             self._flush_run()
-            error.runs = self._out
-            raise
+            raise PcapngFormatError(str(error), self._out) from None
         self._flush_run()
         out, self._out = self._out, []
         return out
@@ -257,7 +175,7 @@ class PcapngStreamParser:
         if not self._pending:
             return
         data = b"".join(self._tail)
-        if self.section < 0 and not data.startswith(_SHB_BYTES[: len(data)]):
+        if self.section < 0 and not data.startswith(PCAPNG_MAGIC[: len(data)]):
             _refuse_stream(data)
         raise PcapngFormatError(
             f"pcapng stream cut mid-block: the block at byte {self._offset} ends "
@@ -286,11 +204,11 @@ class PcapngStreamParser:
                 kind, total = self._order.head.unpack_from(buf, pos)
             elif self.section < 0:
                 _refuse_stream(buf[pos:])
-            where = f"{_block_name(kind)} at byte {base + pos}"
-            if total < _MIN_TOTAL.get(kind, 12) or total & 3 or total > MAX_BLOCK:
+            where = f"{block_name(kind)} at byte {base + pos}"
+            if total < MIN_TOTAL.get(kind, 12) or total & 3 or total > MAX_BLOCK:
                 raise PcapngFormatError(
                     f"pcapng {where}: total length {total} is "
-                    + _length_fault(total, _MIN_TOTAL.get(kind, 12))
+                    + length_fault(total, MIN_TOTAL.get(kind, 12))
                     + ": the file is corrupt"
                 )
             if total > end - pos:
@@ -355,7 +273,7 @@ class PcapngStreamParser:
             ns = (high << 32 | low) * mul + offset
             if not 0 <= ns < _MAX_NS:
                 break
-            sec, nsec = divmod(ns, _NS)
+            sec, nsec = divmod(ns, NS)
             start = pos + 28
             append((ns, pack(sec & _LOW32, nsec, caplen, origlen) + buf[start : start + caplen]))
             pos = nxt
@@ -430,7 +348,7 @@ class PcapngStreamParser:
         if ifid != self._run_id:
             self._flush_run()
             self._run_id = ifid
-        sec, nsec = divmod(ns, _NS)
+        sec, nsec = divmod(ns, NS)
         header = _REC.pack(sec & _LOW32, nsec, caplen, origlen)
         self._run.append((ns, header + buf[start : start + caplen]))
 
@@ -445,12 +363,12 @@ class PcapngStreamParser:
             self.records += len(run)
             self._last_ns = batches.last_ts(run)
 
-    def _section_order(self, buf: bytes, pos: int, base: int) -> _Order:
-        magic = _LE.u32.unpack_from(buf, pos + 8)[0]
+    def _section_order(self, buf: bytes, pos: int, base: int) -> ByteOrder:
+        magic = LITTLE.u32.unpack_from(buf, pos + 8)[0]
         if magic == BYTE_ORDER_MAGIC:
-            return _LE
-        if magic == 0x4D3C2B1A:
-            return _BE
+            return LITTLE
+        if magic == BYTE_ORDER_SWAPPED:
+            return BIG
         raise PcapngFormatError(
             f"pcapng Section Header Block at byte {base + pos}: byte-order magic "
             f"{buf[pos + 8 : pos + 12].hex()} is neither 1a2b3c4d nor 4d3c2b1a: "
@@ -472,7 +390,7 @@ class PcapngStreamParser:
 
     def _idb(self, buf: bytes, pos: int, total: int, where: str) -> None:
         linktype, _, snaplen = self._order.idb.unpack_from(buf, pos + 8)
-        found = _options(buf, pos + 16, pos + total - 4, self._order, where)
+        found = read_options(buf, pos + 16, pos + total - 4, self._order, where)
         tsoffset = found.get(IF_TSOFFSET)
         if tsoffset is not None and len(tsoffset) != 8:
             raise PcapngFormatError(
@@ -483,58 +401,17 @@ class PcapngStreamParser:
         interface = InputInterface(
             linktype,
             limit,
-            _text(found.get(IF_NAME)),
-            _text(found.get(IF_DESCRIPTION)),
+            option_text(found.get(IF_NAME)),
+            option_text(found.get(IF_DESCRIPTION)),
             self.section,
             len(self.interfaces),
         )
         self.interfaces.append(interface)
-        self._clocks.append(_Clock.from_options(found.get(IF_TSRESOL), offset))
+        self._clocks.append(Clock.from_options(found.get(IF_TSRESOL), offset))
         self._snaplens.append(snaplen)
 
 
-def _options(buf: bytes, pos: int, end: int, order: _Order, where: str) -> dict[int, bytes]:
-    """The options from pos to end (the block's trailer): code -> value, the first of each."""
-    found: dict[int, bytes] = {}
-    while end - pos >= 4:
-        code, length = order.opt.unpack_from(buf, pos)
-        if code == 0:  # opt_endofopt
-            break
-        start = pos + 4
-        if length > end - start:
-            raise PcapngFormatError(
-                f"pcapng {where}: option {code} is {length} bytes long, past the end of "
-                "its block: the file is corrupt"
-            )
-        found.setdefault(code, buf[start : start + length])
-        pos = start + ((length + 3) & ~3)
-    return found
-
-
-def _text(value: bytes | None) -> str | None:
-    # UTF-8 strings, maybe NUL-terminated by older writers; undecodable bytes become U+FFFD.
-    if value is None:
-        return None
-    return value.rstrip(b"\0").decode("utf-8", errors="replace")
-
-
-def _block_name(kind: int) -> str:
-    return _BLOCK_NAMES.get(kind, f"block of type 0x{kind:08x}")
-
-
-def _length_fault(total: int, minimum: int) -> str:
-    if total < minimum:
-        return f"shorter than the {minimum} bytes such a block needs"
-    if total & 3:
-        return "not a multiple of 4"
-    return f"larger than the {MAX_BLOCK} bytes Wireshark accepts"
-
-
 def _refuse_stream(data: bytes) -> None:
-    raise PcapngFormatError(f"not a pcapng stream (no Section Header Block first): {_what(data)}")
-
-
-def _what(data: bytes) -> str:
-    if data[:4] in _PCAP_MAGICS:
-        return "got classic pcap"
-    return describe_bytes(data)
+    raise PcapngFormatError(
+        f"not a pcapng stream (no Section Header Block first): {describe(data)}"
+    )
