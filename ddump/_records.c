@@ -15,6 +15,7 @@
  *   from_records(records) -> batch  a batch holding the given tuples
  *   batch.data                      the records' bytes, back to back
  *   skip(buf, pos, big_endian) -> (count, pos)   count records, reading only caplens (worker)
+ *   scan_converting(buf, pos, big_endian, scale, limit) -> as scan, for BE or µs records
  *   scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos)
  *                                   pcapng packets of one interface, rewritten as records
  *
@@ -799,6 +800,81 @@ records_scan_epbs(PyObject *module, PyObject *args)
     return Py_BuildValue("(Nn)", (PyObject *)batch, stop);
 }
 
+/* scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen): what
+ * scan() does for the pcaps it cannot take as they are, big-endian or microsecond ones
+ * (ts_frac * scale is nanoseconds; a fraction of a second or more carries into the seconds, as
+ * in pcap.py). The whole records are copied at once into a new bytes object, whose record
+ * headers are then rewritten in place. */
+static PyObject *
+records_scan_converting(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *buf;
+    Py_ssize_t pos;
+    int big;
+    unsigned int scale;
+    long long limit;
+    if (!PyArg_ParseTuple(args, "O!npIL", &PyBytes_Type, &buf, &pos, &big, &scale, &limit))
+        return NULL;
+    const char *base = PyBytes_AS_STRING(buf);
+    Py_ssize_t end = PyBytes_GET_SIZE(buf);
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    Py_ssize_t n = 0, stop = pos, need = RECORD_HEADER_LEN;
+    long long bad = 0;
+    while (end - stop >= RECORD_HEADER_LEN) {
+        uint32_t caplen = read_u32(base + stop + 8, big);
+        if ((long long)caplen > limit) {
+            bad = caplen;
+            break;
+        }
+        Py_ssize_t len = RECORD_HEADER_LEN + (Py_ssize_t)caplen;
+        if (len > end - stop) {
+            need = len;
+            break;
+        }
+        stop += len;
+        n++;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(base + pos, stop - pos);
+    if (data == NULL)
+        return NULL;
+    PyObject *owners = PyTuple_Pack(1, data);
+    Py_DECREF(data);
+    if (owners == NULL)
+        return NULL;
+    Batch *batch = batch_new(n, owners);
+    Py_DECREF(owners);
+    if (batch == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(data);  /* ours alone until the batch is returned */
+    int64_t prev = INT64_MIN;
+    int sorted = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t sec = read_u32(out, big);
+        uint64_t nsec = (uint64_t)read_u32(out + 4, big) * scale;
+        sec += nsec / 1000000000;
+        nsec %= 1000000000;
+        uint32_t caplen = read_u32(out + 8, big);
+        write_le32(out, (uint32_t)sec);
+        write_le32(out + 4, (uint32_t)nsec);
+        write_le32(out + 8, caplen);
+        write_le32(out + 12, read_u32(out + 12, big));
+        int64_t ts = (int64_t)(sec * 1000000000 + nsec);
+        if (ts < prev)
+            sorted = 0;
+        prev = ts;
+        batch->ptr[i] = out;
+        batch->ts[i] = ts;
+        out += RECORD_HEADER_LEN + caplen;
+    }
+    batch->n = n;
+    batch->sorted = sorted;
+    return Py_BuildValue("(Nnnl)", (PyObject *)batch, stop, need, (long)bad);
+}
+
 static PyMethodDef records_methods[] = {
     {"scan", records_scan, METH_VARARGS,
      "scan(buf, pos, limit) -> (batch, pos, need, bad_caplen): whole LE-nano records."},
@@ -808,6 +884,8 @@ static PyMethodDef records_methods[] = {
      "skip(buf, pos, big_endian) -> (records, pos): steps over whole records, reading caplens."},
     {"concat", records_concat, METH_O,
      "concat(batches) -> one batch of all their records, in order (no bytes are copied)."},
+    {"scan_converting", records_scan_converting, METH_VARARGS,
+     "scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen)."},
     {"scan_epbs", records_scan_epbs, METH_VARARGS,
      "scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos): pcapng EPBs."},
     {"from_records", records_from_records, METH_O,

@@ -188,8 +188,14 @@ class PcapStreamParser:
 
     def _parse(self, buf: bytes, pos: int, before: list[Records]) -> tuple[Records, int]:
         """Parse the whole records of buf from pos; `before`: what this feed parsed already."""
+        scanned = None
+        if not self._fast:
+            big_endian = self._rec is _REC_BE
+            scanned = batches.scan_converting(buf, pos, big_endian, self._scale, self._limit)
         if self._fast:
             done, pos, self._need, bad = batches.scan(buf, pos, self._limit)
+        elif scanned is not None:
+            done, pos, self._need, bad = scanned
         else:
             converted, pos, bad = self._parse_converting(buf, pos)
             done = batches.pack(converted)

@@ -100,6 +100,18 @@ def skip(buf: bytes, pos: int, big_endian: bool) -> tuple[int, int]:
     return count, pos
 
 
+def scan_converting(
+    buf: bytes, pos: int, big_endian: bool, scale: int, limit: int
+) -> tuple[Records, int, int, int] | None:
+    """What `scan` does, for big-endian or microsecond (`scale` 1000) records, rewritten.
+
+    None where the C part is not built: the caller converts them itself (ddump/pcap.py).
+    """
+    if _c is None:
+        return None
+    return _c.scan_converting(buf, pos, big_endian, scale, limit)
+
+
 def scan_epbs(
     buf: bytes, pos: int, ifid: int, big_endian: bool, mul: int, offset: int, limit: int
 ) -> tuple[Records, int] | None:
