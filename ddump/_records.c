@@ -16,8 +16,8 @@
  *   batch.data                      the records' bytes, back to back
  *   skip(buf, pos, big_endian) -> (count, pos)   count records, reading only caplens (worker)
  *   scan_converting(buf, pos, big_endian, scale, limit) -> as scan, for BE or µs records
- *   scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos)
- *                                   pcapng packets of one interface, rewritten as records
+ *   scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos)
+ *                                   pcapng packets, rewritten as records, and their interfaces
  *
  * Records are always the output encoding (little-endian, nanosecond record headers), as in
  * ddump/pcap.py.
@@ -693,12 +693,6 @@ done:
     return (PyObject *)merged;
 }
 
-/* scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos): the pcapng
- * Enhanced Packet Blocks of interface `ifid` that follow each other from pos, rewritten as
- * records (ddump/pcapng_read.py) into one new bytes object, with ts = units * mul + offset.
- * It stops, without an error, before the first block that is anything else or anything unusual
- * (another type or interface, caplen > limit, a length that is wrong or runs past the buffer, a
- * timestamp outside 0 .. 2^63-1 ns): the caller parses that block in full and reports it. */
 static inline uint32_t
 read_u32(const char *p, int big)
 {
@@ -718,69 +712,117 @@ write_le32(char *p, uint32_t v)
     u[3] = (unsigned char)(v >> 24);
 }
 
-/* The block at p, if it is one the fast path takes: its timestamp in *ts; else 0. */
+/* How the fast path reads one interface's packets: ts = units * mul + offset, caplen <= limit. */
+typedef struct {
+    int ok;  /* 0: the caller reads this interface's packets itself */
+    int64_t mul, offset;
+    uint32_t limit;
+} EpbClock;
+
+/* The block at p, if it is one the fast path takes: its interface and timestamp; else 0. */
 static inline int
-plain_epb(const char *p, Py_ssize_t room, uint32_t ifid, int big, int64_t mul, int64_t offset,
-          uint32_t limit, int64_t *ts)
+plain_epb(const char *p, Py_ssize_t room, int big, const EpbClock *clocks, Py_ssize_t m,
+          uint32_t *ifid, int64_t *ts)
 {
-    if (room < 28 || read_u32(p, big) != 6 || read_u32(p + 8, big) != ifid)
+    if (room < 28 || read_u32(p, big) != 6)
         return 0;
+    *ifid = read_u32(p + 8, big);
+    if ((Py_ssize_t)*ifid >= m || !clocks[*ifid].ok)
+        return 0;
+    const EpbClock *c = &clocks[*ifid];
     uint32_t total = read_u32(p + 4, big), caplen = read_u32(p + 20, big);
-    if (caplen > limit || (Py_ssize_t)total > room || (total & 3)
+    if (caplen > c->limit || (Py_ssize_t)total > room || (total & 3)
         || (uint64_t)caplen + 32 > total || read_u32(p + total - 4, big) != total)
         return 0;
     uint64_t units = (uint64_t)read_u32(p + 12, big) << 32 | read_u32(p + 16, big);
     int64_t scaled;
-    if (units > (uint64_t)INT64_MAX || __builtin_mul_overflow((int64_t)units, mul, &scaled)
-        || __builtin_add_overflow(scaled, offset, ts) || *ts < 0)
+    if (units > (uint64_t)INT64_MAX || __builtin_mul_overflow((int64_t)units, c->mul, &scaled)
+        || __builtin_add_overflow(scaled, c->offset, ts) || *ts < 0)
         return 0;
     return 1;
 }
 
+/* scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos): the pcapng Enhanced
+ * Packet Blocks that follow each other from pos, rewritten as records (ddump/pcapng_read.py)
+ * into one new bytes object. interfaces[i] is (mul, offset, limit) for interface i (ts = units
+ * * mul + offset; caplen <= limit), or None. runs is [ifid, count, ifid, count, ...]: the
+ * batch's records by interface, in order. It stops, without an error, before the first block
+ * that is anything else or anything unusual (another block type, an interface that is None or
+ * unknown, caplen > limit, a length that is wrong or runs past the buffer, a timestamp outside
+ * 0 .. 2^63-1 ns): the caller parses that block in full and reports it. */
 static PyObject *
 records_scan_epbs(PyObject *module, PyObject *args)
 {
     (void)module;
-    PyObject *buf;
+    PyObject *buf, *interfaces;
     Py_ssize_t pos;
-    unsigned int ifid, limit;
     int big;
-    long long mul, offset;
-    if (!PyArg_ParseTuple(args, "O!nIpLLI", &PyBytes_Type, &buf, &pos, &ifid, &big, &mul,
-                          &offset, &limit))
+    if (!PyArg_ParseTuple(args, "O!npO!", &PyBytes_Type, &buf, &pos, &big, &PyList_Type,
+                          &interfaces))
         return NULL;
     const char *base = PyBytes_AS_STRING(buf);
     Py_ssize_t end = PyBytes_GET_SIZE(buf);
-    if (pos < 0 || pos > end || mul < 0) {
-        PyErr_SetString(PyExc_ValueError, "pos or mul out of range");
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
         return NULL;
     }
-    /* Two passes: the first finds how many blocks qualify and how many bytes their records
-     * take, the second writes them. */
-    Py_ssize_t n = 0, size = 0, stop = pos;
+    Py_ssize_t m = PyList_GET_SIZE(interfaces);
+    EpbClock *clocks = PyMem_Calloc((size_t)(m > 0 ? m : 1), sizeof(EpbClock));
+    if (clocks == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL, *runs = NULL;
+    Batch *batch = NULL;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        PyObject *item = PyList_GET_ITEM(interfaces, i);
+        long long mul, offset;
+        unsigned int limit;
+        if (item == Py_None)
+            continue;
+        if (!PyArg_ParseTuple(item, "LLI", &mul, &offset, &limit))
+            goto done;
+        clocks[i] = (EpbClock){mul >= 0, mul, offset, limit};
+    }
+    /* Two passes: the first finds how many blocks qualify, how many bytes their records take
+     * and how many runs they make; the second writes them. */
+    Py_ssize_t n = 0, size = 0, nruns = 0, stop = pos;
+    uint32_t ifid, run_id = 0;
     int64_t ts;
-    while (plain_epb(base + stop, end - stop, ifid, big, mul, offset, limit, &ts)) {
+    while (plain_epb(base + stop, end - stop, big, clocks, m, &ifid, &ts)) {
+        if (n == 0 || ifid != run_id)
+            nruns++;
+        run_id = ifid;
         size += RECORD_HEADER_LEN + (Py_ssize_t)read_u32(base + stop + 20, big);
         stop += (Py_ssize_t)read_u32(base + stop + 4, big);
         n++;
     }
     PyObject *data = PyBytes_FromStringAndSize(NULL, size);
     if (data == NULL)
-        return NULL;
+        goto done;
     PyObject *owners = PyTuple_Pack(1, data);
     Py_DECREF(data);
     if (owners == NULL)
-        return NULL;
-    Batch *batch = batch_new(n, owners);
+        goto done;
+    batch = batch_new(n, owners);
     Py_DECREF(owners);
-    if (batch == NULL)
-        return NULL;
+    runs = PyList_New(2 * nruns);
+    if (batch == NULL || runs == NULL)
+        goto done;
     char *out = PyBytes_AS_STRING(data);
     int64_t prev = INT64_MIN;
     int sorted = 1;
+    Py_ssize_t run = -1, count = 0;
     for (Py_ssize_t i = 0, at = pos; i < n; i++) {
         const char *p = base + at;
-        plain_epb(p, end - at, ifid, big, mul, offset, limit, &ts);
+        plain_epb(p, end - at, big, clocks, m, &ifid, &ts);
+        if (run < 0 || ifid != run_id) {
+            if (run >= 0)
+                PyList_SET_ITEM(runs, 2 * run + 1, PyLong_FromSsize_t(count));
+            run++;
+            PyList_SET_ITEM(runs, 2 * run, PyLong_FromUnsignedLong(ifid));
+            run_id = ifid;
+            count = 0;
+        }
+        count++;
         uint32_t caplen = read_u32(p + 20, big);
         write_le32(out, (uint32_t)(ts / 1000000000));  /* the 32-bit seconds wrap in 2106 */
         write_le32(out + 4, (uint32_t)(ts % 1000000000));
@@ -795,9 +837,20 @@ records_scan_epbs(PyObject *module, PyObject *args)
         out += RECORD_HEADER_LEN + caplen;
         at += (Py_ssize_t)read_u32(p + 4, big);
     }
+    if (run >= 0)
+        PyList_SET_ITEM(runs, 2 * run + 1, PyLong_FromSsize_t(count));
     batch->n = n;
     batch->sorted = sorted;
-    return Py_BuildValue("(Nn)", (PyObject *)batch, stop);
+    for (Py_ssize_t i = 0; i < 2 * nruns; i++) {
+        if (PyList_GET_ITEM(runs, i) == NULL)  /* an int that could not be made */
+            goto done;
+    }
+    result = Py_BuildValue("(OOn)", (PyObject *)batch, runs, stop);
+done:
+    PyMem_Free(clocks);
+    Py_XDECREF(batch);
+    Py_XDECREF(runs);
+    return result;
 }
 
 /* scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen): what
@@ -887,7 +940,7 @@ static PyMethodDef records_methods[] = {
     {"scan_converting", records_scan_converting, METH_VARARGS,
      "scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen)."},
     {"scan_epbs", records_scan_epbs, METH_VARARGS,
-     "scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit) -> (batch, pos): pcapng EPBs."},
+     "scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos): pcapng EPBs."},
     {"from_records", records_from_records, METH_O,
      "from_records(records) -> batch of the given (timestamp, bytes) records."},
     {NULL, NULL, 0, NULL},

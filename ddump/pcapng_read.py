@@ -110,6 +110,7 @@ class PcapngStreamParser:
         self.interfaces: list[InputInterface] = []  # the current section's
         self._order = LITTLE
         self._clocks: list[Clock] = []
+        self._fast: list[tuple[int, int, int] | None] = []  # (mul, offset, limit) if plain
         self._snaplens: list[int] = []  # as the IDBs say (0: no limit)
         # Unparsed bytes: a list of chunks joined only when the block they start is complete.
         self._tail: list[bytes] = []
@@ -193,7 +194,7 @@ class PcapngStreamParser:
         """
         end = len(buf)
         while True:
-            if self._run_id >= 0:
+            if self._fast:
                 pos = self._epbs(buf, pos, end)
             if end - pos < _HEAD_LEN:
                 self._need = _HEAD_LEN
@@ -233,30 +234,22 @@ class PcapngStreamParser:
             pos += total
 
     def _epbs(self, buf: bytes, pos: int, end: int) -> int:
-        """The hot loop: EPBs of the current run's interface, as long as nothing is unusual.
+        """The hot loop: EPBs of interfaces with a plain clock, as long as nothing is unusual.
 
-        Anything else (another block or interface, a cut, a bad length, a timestamp out of
-        range, the end of the buffer) stops it; `_parse` then handles that block in full.
+        Anything else (another block, a cut, a bad length, a timestamp out of range, the end of
+        the buffer) stops it; `_parse` then handles that block in full.
         """
-        run_id = self._run_id
-        clock = self._clocks[run_id]
-        if not clock.simple:
+        fast = self._fast
+        scanned = batches.scan_epbs(buf, pos, self._order.big_endian, fast)
+        if scanned is not None:
+            batch, runs, pos = scanned
+            if len(runs) == 2:
+                self._add(runs[0], batch)
+            elif runs:
+                self._add_runs(batch, runs)
             return pos
-        mul = clock.mul
-        offset = clock.offset
-        limit = self.interfaces[run_id].snaplen
-        if -_MAX_NS <= offset < _MAX_NS and mul < _MAX_NS:
-            scanned = batches.scan_epbs(
-                buf, pos, run_id, self._order.big_endian, mul, offset, limit
-            )
-            if scanned is not None:
-                batch, pos = scanned
-                if batch:
-                    if self._run:
-                        self._parts.append(batches.pack(self._run))
-                        self._run = []
-                    self._parts.append(batch)
-                return pos
+        run_id = -1  # the interface whose clock is in mul, offset, limit
+        mul = offset = limit = 0
         run = self._run
         append = run.append
         unpack = self._order.epb.unpack_from
@@ -265,10 +258,23 @@ class PcapngStreamParser:
         last = end - 28
         while pos <= last:
             kind, total, ifid, high, low, caplen, origlen = unpack(buf, pos)
-            if kind != BLOCK_EPB or ifid != run_id or caplen > limit:
+            if kind != BLOCK_EPB:
                 break
+            if ifid != run_id:
+                plain = fast[ifid] if ifid < len(fast) else None
+                if plain is None:
+                    break
+                mul, offset, limit = plain
+                run_id = ifid
+                if ifid != self._run_id:
+                    self._flush_run()
+                    self._run_id = ifid
+                    run = self._run
+                    append = run.append
             nxt = pos + total
-            if nxt > end or total & 3 or caplen + 32 > total or trailer(buf, nxt - 4)[0] != total:
+            if caplen > limit or nxt > end or total & 3 or caplen + 32 > total:
+                break
+            if trailer(buf, nxt - 4)[0] != total:
                 break
             ns = (high << 32 | low) * mul + offset
             if not 0 <= ns < _MAX_NS:
@@ -278,6 +284,33 @@ class PcapngStreamParser:
             append((ns, pack(sec & _LOW32, nsec, caplen, origlen) + buf[start : start + caplen]))
             pos = nxt
         return pos
+
+    def _add_runs(self, batch: Records, runs: list[int]) -> None:
+        # Interfaces that alternate packet by packet make a run per packet: the runs between
+        # the first (which may go on with the current run) and the last (which may go on in
+        # the next feed) go straight out, as slices of the batch.
+        start = runs[1]
+        self._add(runs[0], batch[:start])
+        self._flush_run()
+        interfaces = self.interfaces
+        append = self._out.append
+        for k in range(2, len(runs) - 2, 2):
+            end = start + runs[k + 1]
+            append((interfaces[runs[k]], batch[start:end]))
+            start = end
+        self.records += start - runs[1]
+        self._run_id = runs[-2]
+        self._parts.append(batch[start:])
+
+    def _add(self, ifid: int, records: Records) -> None:
+        """Records of interface `ifid` that follow the ones parsed so far."""
+        if ifid != self._run_id:
+            self._flush_run()
+            self._run_id = ifid
+        elif self._run:
+            self._parts.append(batches.pack(self._run))
+            self._run = []
+        self._parts.append(records)
 
     def _epb(self, buf: bytes, pos: int, total: int, where: str) -> None:
         _, _, ifid, high, low, caplen, origlen = self._order.epb.unpack_from(buf, pos)
@@ -386,6 +419,7 @@ class PcapngStreamParser:
         self.section += 1
         self.interfaces = []
         self._clocks = []
+        self._fast = []
         self._snaplens = []
 
     def _idb(self, buf: bytes, pos: int, total: int, where: str) -> None:
@@ -407,7 +441,10 @@ class PcapngStreamParser:
             len(self.interfaces),
         )
         self.interfaces.append(interface)
-        self._clocks.append(Clock.from_options(found.get(IF_TSRESOL), offset))
+        clock = Clock.from_options(found.get(IF_TSRESOL), offset)
+        self._clocks.append(clock)
+        plain = clock.simple and -_MAX_NS <= clock.offset < _MAX_NS and clock.mul < _MAX_NS
+        self._fast.append((clock.mul, clock.offset, limit) if plain else None)
         self._snaplens.append(snaplen)
 
 

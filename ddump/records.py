@@ -113,15 +113,15 @@ def scan_converting(
 
 
 def scan_epbs(
-    buf: bytes, pos: int, ifid: int, big_endian: bool, mul: int, offset: int, limit: int
-) -> tuple[Records, int] | None:
-    """pcapng packets of interface `ifid` from `pos`, as records: (batch, pos); see _records.c.
+    buf: bytes, pos: int, big_endian: bool, interfaces: list[tuple[int, int, int] | None]
+) -> tuple[Records, list[int], int] | None:
+    """pcapng packets from `pos`, as records: (batch, [ifid, count, ...], pos); see _records.c.
 
     None where the C part is not built: the caller parses them itself (ddump/pcapng_read.py).
     """
     if _c is None:
         return None
-    return _c.scan_epbs(buf, pos, ifid, big_endian, mul, offset, limit)
+    return _c.scan_epbs(buf, pos, big_endian, interfaces)
 
 
 def pack(records: list[Record]) -> Records:
