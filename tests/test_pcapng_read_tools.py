@@ -210,7 +210,7 @@ def test_a_simple_packet_lands_where_mergecap_puts_it(tmp_path: Path) -> None:
     assert [ts // NS for ts, _ in all_records(tmp_path / "a.pcapng")] == [5, 5, 7]
 
 
-def test_dumpcap_capture_reads_as_tshark_reads_it(tmp_path: Path) -> None:
+def test_dumpcap_capture_reads_as_tshark_and_editcap_read_it(tmp_path: Path) -> None:
     require_root()
     dumpcap = require_tool("dumpcap")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
@@ -241,3 +241,5 @@ def test_dumpcap_capture_reads_as_tshark_reads_it(tmp_path: Path) -> None:
     assert len(records) == 5
     assert all(rec.endswith(b"ddump %d" % i * (i + 1)) for i, (_, rec) in enumerate(records))
     assert our_view(path) == tshark_view(path)
+    run(require_tool("editcap"), "-F", "nsecpcap", path, tmp_path / "lo.pcap")
+    assert records == pcap_records(tmp_path / "lo.pcap")
