@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 import subprocess
 from pathlib import Path
@@ -146,3 +147,48 @@ def test_a_gzipped_pcapng_from_editcap_reads_as_the_plain_one(tmp_path: Path) ->
     [(_, batch)] = parser.feed(plain)
     parser.close()
     assert [rec for _, rec in batch] == records
+
+
+def drain(decoder: GzipDecoder, data: bytes) -> list[bytes]:
+    """Everything `data` gives, as the pieces feed() returned (the rest fed b"")."""
+    pieces = [decoder.feed(data)]
+    while decoder.more:
+        pieces.append(decoder.feed(b""))
+    return pieces
+
+
+def test_max_output_bounds_each_feed_of_a_member_that_expands_a_thousandfold() -> None:
+    bomb = gzip.compress(bytes(10_000_000))  # about 10 KB in
+    assert len(bomb) < 20_000
+    decoder = GzipDecoder(max_output=65536)
+    pieces = drain(decoder, bomb)
+    decoder.close()
+    assert max(len(p) for p in pieces) == 65536
+    assert sum(len(p) for p in pieces) == 10_000_000
+    assert len(pieces) >= 10_000_000 // 65536
+
+
+def test_closing_with_output_held_back_is_a_mistake_of_the_caller() -> None:
+    decoder = GzipDecoder(max_output=10)
+    decoder.feed(gzip.compress(b"x" * 100))
+    assert decoder.more
+    with pytest.raises(ValueError, match="feed"):
+        decoder.close()
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+    st.lists(st.integers(0, 2000), max_size=8),
+    st.integers(1, 400),
+)
+def test_any_split_and_any_bound_give_the_same_bytes(
+    parts: list[bytes], cuts: list[int], max_output: int
+) -> None:
+    stream = b"".join(gzip.compress(p * 3) for p in parts) + bytes(cuts[0] % 5 if cuts else 0)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    decoder = GzipDecoder(max_output=max_output)
+    pieces = [piece for a, b in itertools.pairwise(bounds) for piece in drain(decoder, stream[a:b])]
+    decoder.close()
+    assert all(len(piece) <= max_output for piece in pieces)
+    assert b"".join(pieces) == b"".join(p * 3 for p in parts)
