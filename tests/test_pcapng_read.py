@@ -349,6 +349,16 @@ def test_block_lengths_are_checked_with_the_offset_of_the_block() -> None:
     assert "shorter than the 32 bytes" in error_for(head + short_epb)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 48, 1000])
+def test_the_offset_in_a_message_does_not_depend_on_how_the_stream_was_fed(chunk: int) -> None:
+    stream = shb() + idb() + epb(0, 1, b"abc") + block(5, bytes(12)) + epb(2, 1, b"x")
+    parser = PcapngStreamParser()
+    with pytest.raises(PcapFormatError) as caught:
+        for start in range(0, len(stream), chunk):
+            parser.feed(stream[start : start + chunk])
+    assert "Enhanced Packet Block at byte 108: interface id 2" in str(caught.value)
+
+
 def test_a_captured_length_beyond_its_block_is_refused() -> None:
     lying = epb(0, 1, b"abcd")
     lying = lying[:20] + struct.pack("<I", 9) + lying[24:]
