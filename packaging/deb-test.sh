@@ -141,7 +141,9 @@ worker_timeout=$!  # the `timeout` wrapper; its only child becomes the worker
 
 ok=0
 for _ in $(seq 50); do
-    if curl -fsS --max-time 2 "http://127.0.0.1:$port/health" >"$work/health.json" 2>/dev/null; then
+    # Any answer ends the wait: a 503 (the sandbox keeps tcpdump from capturing) says why.
+    code=$(curl -sS --max-time 2 -o "$work/health.json" -w '%{http_code}' "http://127.0.0.1:$port/health" 2>/dev/null) || true
+    if [ "$code" = 200 ] || [ "$code" = 503 ]; then
         ok=1
         break
     fi
@@ -149,7 +151,7 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 [ "$ok" = 1 ] || die "no answer on http://127.0.0.1:$port/health within 10 s"
-python3 -c 'import json, sys; h = json.load(open(sys.argv[1])); assert h["status"] == "ok", h; print("deb-test: health:", h, file=sys.stderr)' \
+python3 -c 'import json, sys; h = json.load(open(sys.argv[1])); assert h["status"] == "ok", h; assert h["exposed"] is False, h; print("deb-test: health:", h, file=sys.stderr)' \
     "$work/health.json" || die "bad /health answer: $(cat "$work/health.json")"
 # A bad filter gets tcpdump's message alone: nothing the sandbox made tcpdump say on the way.
 code=$(curl -sS --max-time 10 -o "$work/bad.txt" -w '%{http_code}' "http://127.0.0.1:$port/capture?filter=tcp+port+99999")

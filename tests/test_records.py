@@ -239,7 +239,7 @@ def test_converting_scan_equals_the_python_conversion(
     buf = b"".join(layout.pack(s, f, len(d), len(d) + 1) + d for s, f, d in packets)
     buf = buf[: max(0, len(buf) - cut)]
     parser = PcapStreamParser()
-    parser._rec, parser._scale, parser._limit = layout, scale, limit
+    parser._rec, parser._scale, parser._limit, parser._keep = layout, scale, limit, limit
     expected, py_pos, py_bad = parser._parse_converting(buf, 0)
     py_need = parser._need
 
