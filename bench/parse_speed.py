@@ -1,6 +1,6 @@
 """Parse speed of ddump's file readers: pcap, pcapng and gzip, fed in read-sized chunks.
 
-    python bench/parse_speed.py FILES... [--chunk 1048576] [--runs 3]
+    python bench/parse_speed.py FILES... [--chunk 262144] [--runs 3]
     DDUMP_PURE_PYTHON=1 python bench/parse_speed.py FILES...   # the pure-Python engine
 
 Each file is read into memory first (the disk is not timed), then fed to its parser (chosen by
@@ -50,7 +50,7 @@ def parse(data: bytes, chunk: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--chunk", type=int, default=1 << 20)
+    parser.add_argument("--chunk", type=int, default=256 * 1024)  # the file source's READ_SIZE
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     print(f"engine: {records.ENGINE}, chunk {args.chunk} bytes")
