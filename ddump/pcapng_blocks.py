@@ -116,10 +116,29 @@ def block_name(kind: int) -> str:
     return _BLOCK_NAMES.get(kind, f"block of type 0x{kind:08x}")
 
 
-def length_fault(total: int, minimum: int) -> str:
-    """What is wrong with a block's total length that fails the checks."""
+def check_length(kind: int, total: int, where: str) -> None:
+    """PcapFormatError if a block of type `kind` cannot be `total` bytes long."""
+    minimum = MIN_TOTAL.get(kind, 12)
     if total < minimum:
-        return f"shorter than the {minimum} bytes such a block needs"
-    if total & 3:
-        return "not a multiple of 4"
-    return f"larger than the {MAX_BLOCK} bytes Wireshark accepts"
+        fault = f"shorter than the {minimum} bytes such a block needs"
+    elif total & 3:
+        fault = "not a multiple of 4"
+    elif total > MAX_BLOCK:
+        fault = f"larger than the {MAX_BLOCK} bytes Wireshark accepts"
+    else:
+        return
+    raise PcapFormatError(f"pcapng {where}: total length {total} is {fault}: the file is corrupt")
+
+
+def section_order(buf: bytes, pos: int, base: int) -> ByteOrder:
+    """The byte order of the section whose SHB is at buf[pos] (stream offset base + pos)."""
+    magic = LITTLE.u32.unpack_from(buf, pos + 8)[0]
+    if magic == BYTE_ORDER_MAGIC:
+        return LITTLE
+    if magic == BYTE_ORDER_SWAPPED:
+        return BIG
+    raise PcapFormatError(
+        f"pcapng Section Header Block at byte {base + pos}: byte-order magic "
+        f"{buf[pos + 8 : pos + 12].hex()} is neither 1a2b3c4d nor 4d3c2b1a: "
+        "the file is corrupt or not pcapng"
+    )

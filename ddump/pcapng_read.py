@@ -42,28 +42,23 @@ from ddump.formats import PCAPNG_MAGIC, describe
 from ddump.formats import sniff as sniff
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.pcapng_blocks import (
-    BIG,
     BLOCK_EPB,
     BLOCK_IDB,
     BLOCK_PB,
     BLOCK_SHB,
     BLOCK_SPB,
-    BYTE_ORDER_MAGIC,
-    BYTE_ORDER_SWAPPED,
     IF_DESCRIPTION,
     IF_NAME,
     IF_TSOFFSET,
     IF_TSRESOL,
     LITTLE,
-    MAX_BLOCK,
-    MIN_TOTAL,
     NS,
-    ByteOrder,
     Clock,
     block_name,
-    length_fault,
+    check_length,
     option_text,
     read_options,
+    section_order,
 )
 from ddump.records import Record, Records
 
@@ -201,17 +196,12 @@ class PcapngStreamParser:
                 return pos
             kind, total = self._order.head.unpack_from(buf, pos)
             if kind == BLOCK_SHB:
-                self._order = self._section_order(buf, pos, base)
+                self._order = section_order(buf, pos, base)
                 kind, total = self._order.head.unpack_from(buf, pos)
             elif self.section < 0:
                 _refuse_stream(buf[pos:])
             where = f"{block_name(kind)} at byte {base + pos}"
-            if total < MIN_TOTAL.get(kind, 12) or total & 3 or total > MAX_BLOCK:
-                raise PcapngFormatError(
-                    f"pcapng {where}: total length {total} is "
-                    + length_fault(total, MIN_TOTAL.get(kind, 12))
-                    + ": the file is corrupt"
-                )
+            check_length(kind, total, where)
             if total > end - pos:
                 self._need = total
                 return pos
@@ -395,18 +385,6 @@ class PcapngStreamParser:
             self._out.append((self.interfaces[self._run_id], run))
             self.records += len(run)
             self._last_ns = batches.last_ts(run)
-
-    def _section_order(self, buf: bytes, pos: int, base: int) -> ByteOrder:
-        magic = LITTLE.u32.unpack_from(buf, pos + 8)[0]
-        if magic == BYTE_ORDER_MAGIC:
-            return LITTLE
-        if magic == BYTE_ORDER_SWAPPED:
-            return BIG
-        raise PcapngFormatError(
-            f"pcapng Section Header Block at byte {base + pos}: byte-order magic "
-            f"{buf[pos + 8 : pos + 12].hex()} is neither 1a2b3c4d nor 4d3c2b1a: "
-            "the file is corrupt or not pcapng"
-        )
 
     def _shb(self, buf: bytes, pos: int, where: str) -> None:
         major, minor = self._order.shb.unpack_from(buf, pos)[3:]
