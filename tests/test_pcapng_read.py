@@ -522,3 +522,43 @@ def test_a_cut_packet_among_plain_ones_is_cut_by_either_engine(engine: str) -> N
     assert list(batch)[1] == record(1_700_000_000 * NS + 9, b"01234567", 1000)
     assert [rec[16:] for _, rec in batch] == [b"p0", b"01234567", b"p1", b"p2"]
     assert parser.truncated == 1
+
+
+@settings(deadline=None, max_examples=500)
+@given(st.binary(max_size=200), st.sampled_from("<>"))
+def test_garbage_after_a_valid_start_is_refused_with_a_format_error_and_nothing_else(
+    garbage: bytes, order: str
+) -> None:
+    stream = shb(order) + idb(1, 0, option(9, b"\x09", order), order=order) + garbage
+    parser = PcapngStreamParser()
+    try:
+        parser.feed(stream)
+        parser.close()
+    except PcapFormatError as error:
+        assert str(error).startswith(("pcapng ", "not a pcapng stream"))
+
+
+@settings(deadline=None, max_examples=500)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([1, 2, 3, 5, 6, 0x0A0D0D0A, 0xBAD]), st.binary(max_size=60)),
+        max_size=6,
+    ),
+    st.sampled_from("<>"),
+)
+def test_well_framed_blocks_with_random_bodies_are_read_or_refused_as_format_errors(
+    blocks: list[tuple[int, bytes]], order: str
+) -> None:
+    stream = shb(order) + idb(1, 0, order=order)
+    stream += b"".join(block(kind, body, order) for kind, body in blocks)
+    parser = PcapngStreamParser()
+    try:
+        runs = parser.feed(stream)
+        parser.close()
+    except PcapFormatError:
+        return
+    for _, batch in runs:
+        for ts, rec in batch:
+            sec, nsec, caplen, _ = struct.unpack_from("<IIII", rec)
+            assert (sec, nsec) == ((ts // NS) & 0xFFFFFFFF, ts % NS)
+            assert len(rec) == 16 + caplen <= 16 + 262144
