@@ -192,8 +192,14 @@ class PcapStreamParser:
         """Parse the whole records of buf from pos; `before`: what this feed parsed already."""
         parts: list[Records] = []
         while True:
+            scanned = None
+            if not self._fast:
+                big_endian = self._rec is _REC_BE
+                scanned = batches.scan_converting(buf, pos, big_endian, self._scale, self._keep)
             if self._fast:
                 done, pos, self._need, bad = batches.scan(buf, pos, self._keep)
+            elif scanned is not None:
+                done, pos, self._need, bad = scanned
             else:
                 converted, pos, bad = self._parse_converting(buf, pos)
                 done = batches.pack(converted)
