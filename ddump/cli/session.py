@@ -19,12 +19,12 @@ from ddump.cli.output import OutputClosed, PcapOutput
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.sources import Opened, StreamFailure
 from ddump.cli.tls import ContextCache
+from ddump.decode import CaptureDecoder, DecodeError, PcapDecoder, Segment
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
 from ddump.pcap import (
     LINKTYPE_LINUX_SLL,
     LINKTYPE_LINUX_SLL2,
-    PcapStreamParser,
     can_convert,
     convert_records,
     linktype_name,
@@ -70,7 +70,7 @@ class _Run:
     index: int
     target: Target | FileSource
     counts: TargetCounts
-    parser: PcapStreamParser = field(default_factory=PcapStreamParser)
+    decoder: CaptureDecoder | PcapDecoder = field(default_factory=PcapDecoder)
     stream: CaptureStream | FileStream | None = None
     linktype: int | None = None
     clock_offset_ns: int = 0  # worker clock minus ours: at least this...
@@ -302,7 +302,7 @@ class Session:
     async def _stream_target(self, run: _Run) -> None:
         backoff = BACKOFF_FIRST_S
         while not self.stopping:
-            run.parser = PcapStreamParser()
+            run.decoder = _decoder(run.target)
             run.linktype = None
             run.opened = None
             run.stream = self._open(run.target)
@@ -351,6 +351,7 @@ class Session:
         for run in runs:
             assert isinstance(run.target, FileSource)
             readers[run.index] = FileReader(run.target, size, keep_open=keep_open)
+            run.decoder = _decoder(run.target)
             self._on_opened(run, Opened(clock_offset_ns=None))
         # (newest timestamp pushed, index): files not read yet first, in argument order.
         heap = [(-1, run.index) for run in runs]
@@ -404,8 +405,9 @@ class Session:
     def _pull(self, run: _Run, reader: FileReader) -> bool:
         """Read and merge one block of a file; False once the file is done (or failed)."""
         try:
-            block = reader.read()
-            if block:
+            # Compressed input held back inflates first: a bounded piece per pull.
+            block = b"" if run.decoder.more else reader.read()
+            if block or run.decoder.more:
                 self._on_data(run, block)
                 return True
             self._end_of_body(run)
@@ -515,28 +517,40 @@ class Session:
 
     def _on_data(self, run: _Run, chunk: bytes) -> Awaitable[None] | None:
         run.counts.bytes += len(chunk)
-        truncated = run.parser.truncated
+        decoder = run.decoder
+        truncated = decoder.truncated
         try:
-            records = run.parser.feed(chunk)
-        except PcapFormatError as exc:
-            self._accept(run, exc.records)  # the good records before the bad bytes
+            segments = decoder.feed(chunk)
+            while decoder.more:  # compressed input, inflated a bounded piece at a time
+                for segment in segments:
+                    self._accept(run, segment)
+                segments = decoder.feed(b"")
+        except DecodeError as exc:
+            for segment in exc.segments:  # the good records before the bad bytes
+                self._accept(run, segment)
             raise StreamFailure(str(exc)) from None  # it says what the bytes are
+        except PcapFormatError as exc:
+            raise StreamFailure(str(exc)) from None
         finally:
-            run.counts.truncated += run.parser.truncated - truncated
-        self._accept(run, records)
+            run.counts.truncated += decoder.truncated - truncated
+        for segment in segments:
+            self._accept(run, segment)
+        if not segments:
+            self._accept(run, None)  # a header alone starts the stream
         if run.refused:
             raise StreamFailure(run.refused)
         return None if self.stopping else self.output.drained()
 
-    def _accept(self, run: _Run, records: Records) -> None:
-        if run.linktype is None and run.parser.header is not None:
-            run.linktype = run.parser.header.linktype
+    def _accept(self, run: _Run, segment: Segment | None) -> None:
+        if run.linktype is None and run.decoder.linktype is not None:
+            run.linktype = run.decoder.linktype
             run.opened_at = None
             if run.clock_known:  # else its first packet starts it (_learn_clock)
                 self.merger.start_stream(run.index, run.clock_offset_ns)
             self._start_pcapng(run)
-        if not records or self.stopping or run.refused:
+        if segment is None or not segment.records or self.stopping or run.refused:
             return
+        records = segment.records
         if self._cutoff_ns is not None and isinstance(run.target, Target):
             # In the worker's clock, by the offset's low end: the worker reads its clock just
             # before it answers, so that end is off by the answer's way here (well under a
@@ -553,18 +567,20 @@ class Session:
             self._learn_clock(run, batches.last_ts(records))
         elif isinstance(run.target, FileSource):
             self._check_file_order(run, records)
-        if self.output.pcapng is not None:
+        pcapng = self.output.pcapng
+        if pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
-            self._push_records(run, self.output.pcapng.encode(run.index, records))
-        else:
-            linktype = run.linktype
-            assert linktype is not None  # known from the pcap header, before any record
-            if self.output.linktype is None:
-                run.staged.append((linktype, records))
-                self.staged += len(records)
-                self._choose_linktype()
+            if segment.interface is not None:
+                encoded = pcapng.encode_input(run.index, segment.interface, records)
             else:
-                self._push(run, records, linktype)
+                encoded = pcapng.encode(run.index, records)
+            self._push_records(run, encoded)
+        elif self.output.linktype is None:
+            run.staged.append((segment.linktype, records))
+            self.staged += len(records)
+            self._choose_linktype()
+        else:
+            self._push(run, records, segment.linktype)
         if not _pulled(run.target):  # the files' reader releases after a round of reads
             self._release()
 
@@ -573,9 +589,14 @@ class Session:
         out = self.output.linktype
         if linktype != out:
             if not can_convert(linktype, out):
+                fix = (
+                    "write --format pcapng, which keeps each one's own"
+                    if isinstance(run.target, FileSource)
+                    else "capture it separately"
+                )
                 run.refused = (
                     f"its link type {linktype_name(linktype)} cannot be merged into the "
-                    f"output's {linktype_name(out)}: capture it separately"
+                    f"output's {linktype_name(out)}: {fix}"
                 )
                 run.counts.packets -= len(records)
                 if run.counts.state == "ended":  # its task is over: nobody else will say it
@@ -598,8 +619,8 @@ class Session:
         self.stop(str(exc))
 
     def _start_pcapng(self, run: _Run) -> None:
-        header = run.parser.header
-        if self.output.pcapng is None or header is None:
+        linktype, snaplen = run.decoder.linktype, run.decoder.snaplen
+        if self.output.pcapng is None or linktype is None or snaplen is None:
             return
         target, opened = run.target, run.opened
         is_worker = isinstance(target, Target)
@@ -607,8 +628,8 @@ class Session:
             run.index,
             name=target.name,
             description=redact(target.url) if isinstance(target, Target) else target.path,
-            linktype=header.linktype,
-            snaplen=header.snaplen,
+            linktype=linktype,
+            snaplen=snaplen,
             interface_names=opened.interfaces if opened else None,
             filter=target.filter if isinstance(target, Target) else None,
             device="any" if is_worker else None,
@@ -646,11 +667,12 @@ class Session:
 
     def _end_of_body(self, run: _Run) -> None:
         try:
-            run.parser.close()
+            run.decoder.close()
         except PcapFormatError as exc:
             raise StreamFailure(str(exc)) from None  # it says where the stream was cut
-        if run.parser.header is None:
-            raise StreamFailure("the response ended before a pcap header")
+        if not run.decoder.started:
+            what = "file" if isinstance(run.target, FileSource) else "response"
+            raise StreamFailure(f"the {what} ended before a capture header")
 
     def _release(self) -> None:
         if self.output.closed:
@@ -762,6 +784,11 @@ def _delivery_delay_ns(target: Target | FileSource) -> int:
         return 0
     query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
     return BATCH_DELAY_NS if flag_value(query.get(BATCH_PARAM, ["0"])[-1]) else 0
+
+
+def _decoder(target: Target | FileSource) -> CaptureDecoder | PcapDecoder:
+    """Files hold any format ddump reads; a live capture stream is pcap."""
+    return CaptureDecoder() if isinstance(target, FileSource) else PcapDecoder()
 
 
 def _pulled(target: Target | FileSource) -> bool:
