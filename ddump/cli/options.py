@@ -23,11 +23,16 @@ Capture on many hosts at once and write one merged pcap, in timestamp order, to 
 Each TARGET is a ddump-worker URL:
   http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
 A URL with a USER but no PASSWORD takes the password from $DDUMP_PASSWORD, which keeps it
-out of the process list. PORT defaults to 8475 (for https too), the path to /capture;
-percent-encode the filter (e.g. ?filter=tcp%20port%2080). Targets can also come from an
-inventory (-f fleet.yaml).
+out of the process list (unset or empty is an error; USER:@ means no password). PORT
+defaults to 8475 (for https too), the path to /capture; percent-encode the filter (e.g.
+?filter=tcp%20port%2080), and an IPv6 zone as %25 (http://[fe80::1%25eth0]). Targets can
+also come from an inventory (-f fleet.yaml).
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
+
+Each setting of a target comes from, in this order: the target's own (its URL, its inventory
+keys), then the command line (--filter, -s, --batch), then the inventory's defaults. A target
+given twice (same URL, filter and parameters) is captured once.
 """
 
 EPILOG = """\
@@ -36,6 +41,7 @@ examples:
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
   ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
   ddump web-1.pcap web-2.pcap -w merged.pcap
+  ddump-extcap --install    # then "ddump" is a capture interface of Wireshark and tshark
 
 exit status:
   0  the capture is whole: every stream ended as asked (its count or duration), or the
@@ -158,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the inventory's targets in group NAME (repeatable, or NAME,NAME)",
     )
     targets.add_argument(
-        "--filter", metavar="BPF", help="capture filter for targets that do not give one"
+        "--filter",
+        metavar="BPF",
+        help="capture filter for targets that do not give one (it beats the inventory's defaults)",
     )
     targets.add_argument(
         "-s",
@@ -266,7 +274,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         snaplen=ns.snaplen,
         batch=ns.batch,
         write=ns.write,
-        format=ns.format or ("pcapng" if ns.write.endswith(".pcapng") else "pcap"),
+        format=ns.format or ("pcapng" if ns.write.lower().endswith(".pcapng") else "pcap"),
         count=ns.count,
         duration_ns=ns.duration,
         max_delay_ns=ns.max_delay,
