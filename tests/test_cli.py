@@ -847,7 +847,10 @@ def test_records_held_for_a_silent_target_are_bounded(tmp_path: Path, output_for
             tmp_path=tmp_path, timeout=90,
         )  # fmt: skip
         elapsed = time.monotonic() - started
-    assert result.status == 0, result.stderr
+    # -c 1 may come before b's answer (the scripted servers share one busy process): then b
+    # captured nothing, which is a failure, and only that.
+    never = f"127.0.0.1:{wb.port}  0 packets, 0 bytes  [failed: never answered"
+    assert result.status == 0 or never in result.stderr, result.stderr
     assert elapsed < 15, f"{elapsed:.1f} s: the silent target held everything"
 
 

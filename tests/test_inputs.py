@@ -37,7 +37,7 @@ def capture_file(path: Path, tag: bytes, count: int = 3, start: int = OLD) -> Pa
 
 def test_a_host_in_two_inventory_groups_is_captured_once(tmp_path: Path) -> None:
     body = pcap_stream(numbered("web", [1, 2]))
-    with fake_workers({"/capture": Script(body=[body])}) as (w,):
+    with fake_workers({"/capture": Script(body=[body], end="hang")}) as (w,):
         fleet = write(
             tmp_path,
             f"""
@@ -46,7 +46,9 @@ def test_a_host_in_two_inventory_groups_is_captured_once(tmp_path: Path) -> None
               frontends: ["127.0.0.1:{w.port}", {{name: again, host: 127.0.0.1, port: {w.port}}}]
             """,
         )
-        result = ddump("-f", fleet, "--group", "web,frontends", tmp_path=tmp_path)
+        result = ddump(
+            "-f", fleet, "--group", "web,frontends", "--duration", "1", tmp_path=tmp_path
+        )
 
     assert result.status == 0, result.stderr
     assert len(w.requests) == 1
@@ -208,7 +210,7 @@ def test_a_trailing_slash_after_the_path_is_harmless(tmp_path: Path) -> None:
         "http://h:8475/proxy/capture?filter=udp"
     )
     with fake_workers({"/capture": Script(body=[pcap_stream(numbered("s", [1]))])}) as (w,):
-        result = ddump(w.url() + "/", tmp_path=tmp_path)
+        result = ddump(w.url() + "/?count=1", tmp_path=tmp_path)  # it ends as asked
 
     assert result.status == 0, result.stderr
     assert result.payloads() == [b"s-0@1"]

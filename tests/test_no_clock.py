@@ -41,9 +41,9 @@ def test_targets_without_a_clock_merge_by_their_own_timestamps(tmp_path: Path) -
         Script(body=replay(b"quiet", base, 2, 5), end="hang", clock=False),
     ]
     with fake_workers(*({"/capture": s} for s in scripts)) as workers:
-        result = ddump(
-            "--duration", "3.5", *(w.url() for w in workers), tmp_path=tmp_path, timeout=30
-        )
+        # The first two end as asked (count=400: all they send); the third runs on.
+        urls = [workers[0].url("/capture?count=400"), workers[1].url("/capture?count=400")]
+        result = ddump("--duration", "3.5", *urls, workers[2].url(), tmp_path=tmp_path, timeout=30)
 
     stamps = [ts for ts, _ in result.records()]
     assert result.status == 0, result.stderr
