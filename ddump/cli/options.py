@@ -50,8 +50,9 @@ exit status:
      while (a gap, even one --reconnect closed; the summary gives its times), or the
      output failed
   2  bad usage: options, URLs, inventory or TLS files; nothing was started
-  130  a Ctrl-C after the stop had begun ended ddump at once (with batch targets: after
-       the wait for their last blocks; a Ctrl-C during that wait ends it cleanly)
+  130  a Ctrl-C after the stop had begun (0.5 s or more after the one that began it)
+       ended ddump at once (with batch targets: after the wait for their last blocks; a
+       Ctrl-C during that wait ends it cleanly)
 """
 
 
