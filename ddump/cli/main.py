@@ -22,6 +22,7 @@ from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
 from ddump.protocol import BATCH_PARAM
+from ddump.ssh_targets import SshTarget, is_ssh_url, parse_ssh_target
 from ddump.targets import Target, parse_target, redact, unique_names
 
 PASSWORD_ENV = "DDUMP_PASSWORD"
@@ -34,11 +35,15 @@ class ExitStatus(enum.IntEnum):
     KILLED = 130  # a second Ctrl-C
 
 
-def collect_targets(options: Options) -> list[Target | FileSource]:
+def collect_targets(options: Options) -> list[Target | SshTarget | FileSource]:
     """Targets from the arguments (URLs or capture files), then the inventories, in order."""
-    sources: list[Target | FileSource] = []
+    sources: list[Target | SshTarget | FileSource] = []
     for arg in options.urls:
-        if looks_like_file(arg):
+        if is_ssh_url(arg):
+            sources.append(
+                with_ssh_defaults(parse_ssh_target(arg, default_filter=options.filter), options)
+            )
+        elif looks_like_file(arg):
             sources.append(parse_file_source(arg))
         else:
             target = parse_target(arg, default_filter=options.filter)
@@ -50,6 +55,9 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
         from ddump.inventory import load_inventory  # YAML only when there is an inventory
     for path in options.inventories:
         for target in load_inventory(path, options.groups):
+            if isinstance(target, SshTarget):
+                sources.append(with_ssh_defaults(target, options, options.filter))
+                continue
             if target.filter is None and options.filter is not None:
                 target = replace(
                     with_query_default(target, "filter", options.filter), filter=options.filter
@@ -59,8 +67,21 @@ def collect_targets(options: Options) -> list[Target | FileSource]:
         raise UsageError("the inventory selects no targets")
     if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
         raise UsageError("standard input (-) can be given once")
-    named = iter(unique_names([s for s in sources if isinstance(s, Target)]))
-    return [next(named) if isinstance(s, Target) else s for s in sources]
+    named = iter(unique_names([s for s in sources if isinstance(s, Target | SshTarget)]))
+    return [next(named) if isinstance(s, Target | SshTarget) else s for s in sources]
+
+
+def with_ssh_defaults(
+    target: SshTarget, options: Options, default_filter: str | None = None
+) -> SshTarget:
+    """-s, --batch, --sudo (and --filter, for inventory targets) where the target gives none."""
+    return replace(
+        target,
+        filter=target.filter if target.filter is not None else default_filter,
+        snaplen=target.snaplen if target.snaplen is not None else options.snaplen,
+        batch=target.batch or options.batch,
+        sudo=target.sudo or options.sudo,
+    )
 
 
 def with_query_default(target: Target, key: str, value: str) -> Target:
@@ -81,7 +102,7 @@ def with_worker_defaults(target: Target, options: Options) -> Target:
     return target
 
 
-def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> None:
+def check_tls(targets: list[Target | SshTarget | FileSource], contexts: ContextCache) -> None:
     """Load every TLS file now, so a typo fails before anything connects."""
     for target in targets:
         if isinstance(target, Target) and target.url.startswith("https:"):

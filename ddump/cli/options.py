@@ -26,6 +26,10 @@ A URL with a USER but no PASSWORD takes the password from $DDUMP_PASSWORD, which
 out of the process list. PORT defaults to 8475 (for https too), the path to /capture;
 percent-encode the filter (e.g. ?filter=tcp%20port%2080). Targets can also come from an
 inventory (-f fleet.yaml).
+A TARGET may also be a host reached over SSH, where only tcpdump is needed (no worker):
+  ssh://[USER@]HOST[:PORT][?filter=BPF&snaplen=N&count=N&duration=S&batch=1&sudo=1]
+It runs your ssh client (your ~/.ssh/config, agent and known_hosts; never a prompt, never a
+password in the URL); sudo=1 (or --sudo) runs tcpdump with `sudo -n`.
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
 """
@@ -36,6 +40,7 @@ examples:
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
   ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
   ddump web-1.pcap web-2.pcap -w merged.pcap
+  ddump ssh://web-1 'ssh://ops@db-1:2222?filter=tcp%20port%205432&sudo=1' | tcpdump -nl -r -
 
 exit status:
   0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
@@ -57,6 +62,7 @@ class Options:
     filter: str | None
     snaplen: int | None
     batch: bool
+    sudo: bool
     write: str
     format: str  # pcap | pcapng
     count: int | None
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "drops), but a packet may reach the output about 1 s later: the merge waits that "
         "much longer for those targets, and so does a stop (a second Ctrl-C stops at once)",
     )
+    targets.add_argument(
+        "--sudo",
+        action="store_true",
+        help="ssh:// targets that do not give ?sudo= run tcpdump with `sudo -n` (never a "
+        "password prompt: the remote sudoers must allow tcpdump without one)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -262,6 +274,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         filter=ns.filter,
         snaplen=ns.snaplen,
         batch=ns.batch,
+        sudo=ns.sudo,
         write=ns.write,
         format=ns.format or ("pcapng" if ns.write.endswith(".pcapng") else "pcap"),
         count=ns.count,

@@ -31,9 +31,11 @@ from ddump.pcap import (
 from ddump.pcapng import CaptureCounts
 from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM, flag_value
 from ddump.records import Records
+from ddump.ssh_targets import SshTarget
 from ddump.targets import Target, redact
 
 if TYPE_CHECKING:
+    from ddump.cli.ssh import SshStream
     from ddump.cli.stream import CaptureStream
 
 TICK_S = 0.02
@@ -45,6 +47,7 @@ MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte p
 _COOKED = {LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2}  # what `tcpdump -i any` gives
 STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
 STATS_CONCURRENCY = 16  # asks at once (--reconnect may leave many captures per target)
+_LIVE = (Target, SshTarget)  # captures, with a clock: a worker's, or tcpdump's over SSH
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,10 @@ class _Run:
     """One target during the session."""
 
     index: int
-    target: Target | FileSource
+    target: Target | SshTarget | FileSource
     counts: TargetCounts
     parser: PcapStreamParser = field(default_factory=PcapStreamParser)
-    stream: CaptureStream | FileStream | None = None
+    stream: CaptureStream | SshStream | FileStream | None = None
     linktype: int | None = None
     clock_offset_ns: int = 0  # worker clock minus ours: at least this...
     clock_offset_high_ns: int = 0  # ...and at most this (a round trip above the headers' low)
@@ -82,7 +85,7 @@ class Session:
 
     def __init__(
         self,
-        targets: list[Target | FileSource],
+        targets: list[Target | SshTarget | FileSource],
         contexts: ContextCache,
         output: PcapOutput,
         reporter: Reporter,
@@ -97,7 +100,7 @@ class Session:
         self.runs = [
             _Run(
                 self.merger.add_stream(
-                    t.name, timed=isinstance(t, Target), delay_ns=_delivery_delay_ns(t)
+                    t.name, timed=isinstance(t, _LIVE), delay_ns=_delivery_delay_ns(t)
                 ),
                 t,
                 TargetCounts(t.name),
@@ -142,6 +145,7 @@ class Session:
     async def _finish(self) -> None:
         """Write what is buffered, in order, end the file validly, and sum up."""
         await self._collect_tcpdump_counts()  # first: pcapng ends with them
+        self._warn_of_drops()
         if not self.output.closed:
             try:
                 self._choose_linktype()
@@ -201,7 +205,6 @@ class Session:
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
             run.counts.dropped = run.tcpdump.dropped
-        self._warn_of_drops()
 
     def _warn_of_drops(self) -> None:
         dropped = [r.counts for r in self.runs if r.counts.dropped]
@@ -290,17 +293,20 @@ class Session:
             run.opened = None
             run.stream = self._open(run.target)
             try:
-                await run.stream.run(
-                    lambda opened: self._on_opened(run, opened),
-                    lambda chunk: self._on_data(run, chunk),
-                )
+                try:
+                    await run.stream.run(
+                        lambda opened: self._on_opened(run, opened),
+                        lambda chunk: self._on_data(run, chunk),
+                    )
+                finally:
+                    self._take_ssh_counts(run)
                 if run.refused:
                     raise StreamFailure(run.refused)
                 if self.stopping:
                     break
                 self._end_of_body(run)
                 run.counts.state = "ended"
-                if isinstance(run.target, Target):
+                if isinstance(run.target, _LIVE):
                     self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
                 break
             except StreamFailure as exc:
@@ -332,9 +338,29 @@ class Session:
         run.counts.error = message
         self.reporter.error(f"{run.target.name}: {message}")
 
-    def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
+    def _take_ssh_counts(self, run: _Run) -> None:
+        """tcpdump's exit counts, which an SSH target's stream read from its stderr."""
+        if not isinstance(run.target, SshTarget) or not run.opened:
+            return
+        answer = getattr(run.stream, "capture_counts", None)
+        if answer is None or answer.dropped is None:
+            run.counts.dropped_unknown += 1
+        known = run.tcpdump or CaptureCounts()
+        if answer is not None:
+            run.tcpdump = CaptureCounts(
+                _add(known.received, answer.received), _add(known.dropped, answer.dropped)
+            )
+            run.counts.dropped = run.tcpdump.dropped
+
+    def _open(
+        self, target: Target | SshTarget | FileSource
+    ) -> CaptureStream | SshStream | FileStream:
         if isinstance(target, FileSource):
             return FileStream(target)
+        if isinstance(target, SshTarget):
+            from ddump.cli.ssh import SshStream
+
+            return SshStream(target, self.settings.connect_timeout_s)
         # Here, not at the top: merging capture files needs neither Tornado nor the network.
         from ddump.cli.stream import CaptureStream
 
@@ -409,7 +435,7 @@ class Session:
             self._start_pcapng(run)
         if not records or self.stopping or run.refused:
             return
-        if self._cutoff_ns is not None and isinstance(run.target, Target):
+        if self._cutoff_ns is not None and isinstance(run.target, _LIVE):
             # In the worker's clock, by the offset's upper bound: nothing captured before the
             # stop is lost (a batch stream's clock is never learnt closer: its packets are late).
             cutoff = self._cutoff_ns + max(run.clock_offset_ns, run.clock_offset_high_ns)
@@ -417,7 +443,7 @@ class Session:
             if not records:
                 return
         run.counts.packets += len(records)
-        if isinstance(run.target, Target) and self.merger.streams[run.index].started:
+        if isinstance(run.target, _LIVE) and self.merger.streams[run.index].started:
             self._learn_clock(run, batches.last_ts(records))
         if self.output.pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
@@ -467,15 +493,15 @@ class Session:
         if self.output.pcapng is None or header is None:
             return
         target, opened = run.target, run.opened
-        is_worker = isinstance(target, Target)
+        is_worker = isinstance(target, _LIVE)
         self.output.pcapng.start_target(
             run.index,
             name=target.name,
-            description=redact(target.url) if isinstance(target, Target) else target.path,
+            description=redact(target.url) if isinstance(target, _LIVE) else target.path,
             linktype=header.linktype,
             snaplen=header.snaplen,
             interface_names=opened.interfaces if opened else None,
-            filter=target.filter if isinstance(target, Target) else None,
+            filter=target.filter if isinstance(target, _LIVE) else None,
             device="any" if is_worker else None,
             start_ns=opened.worker_clock_ns if opened else None,
         )
@@ -619,8 +645,10 @@ class Session:
                 )
 
 
-def _delivery_delay_ns(target: Target | FileSource) -> int:
+def _delivery_delay_ns(target: Target | SshTarget | FileSource) -> int:
     """How much later than an immediate capture the target's packets may arrive."""
+    if isinstance(target, SshTarget):
+        return BATCH_DELAY_NS if target.batch else 0
     if not isinstance(target, Target):
         return 0
     query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
