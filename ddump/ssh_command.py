@@ -27,7 +27,12 @@ KEEPALIVE_S = 5  # ServerAliveInterval: a dead connection is noticed within 3 of
 _CLOCK_LINE = re.compile(rf"^{CLOCK_MARK} (\d{{10,}})$")
 _INTERFACE_LINE = re.compile(rf"^{INTERFACE_MARK} (\d+) (.+)$")
 # Lines that only tell what ssh did, not what went wrong.
-_SSH_CHATTER = ("Warning: Permanently added", "Connection to ", "Shared connection to ")
+_SSH_CHATTER = (
+    "Warning: Permanently added",
+    "Connection to ",
+    "Shared connection to ",
+    "Could not chdir to home directory",  # sshd's, for accounts without one
+)
 
 
 def ssh_base_argv(target: SshTarget, control_path: str, connect_timeout_s: float) -> list[str]:
@@ -173,7 +178,11 @@ def connection_failure(host: str, stderr_text: str, status: int | None) -> str:
 
 def session_failure(stderr_text: str, status: int | None) -> str:
     """Why the remote capture failed: tcpdump's (or sudo's) own words, and the fix."""
-    lines = [line for line in stderr_text.splitlines() if not is_script_line(line)]
+    lines = [
+        line
+        for line in stderr_text.splitlines()
+        if not is_script_line(line) and not line.startswith(_SSH_CHATTER)
+    ]
     message = error_lines("\n".join(lines)) or _ssh_lines(stderr_text)
     lowered = message.lower()
     if "sudo:" in lowered and ("password" in lowered or "terminal" in lowered or "tty" in lowered):

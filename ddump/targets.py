@@ -310,6 +310,7 @@ def unique_names(targets: Sequence[_T]) -> list[_T]:
 def _short(capture_filter: str | None) -> str:
     if capture_filter is None:
         return "no filter"
+    capture_filter = " ".join(capture_filter.split())  # one line, whatever it holds
     if len(capture_filter) > _NAME_FILTER_MAX:
         return capture_filter[: _NAME_FILTER_MAX - 1] + "…"
     return capture_filter

@@ -107,8 +107,11 @@ class SshSite:
         self.env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
         return self
 
-    def serve(self, host: Host, *, wrong_key: bool = False, port: int = 22) -> None:
-        """Start sshd on host; known_hosts holds its key (not the one it has if wrong_key)."""
+    def serve(
+        self, host: Host, *, wrong_key: bool = False, known: bool = True, port: int = 22
+    ) -> None:
+        """Start sshd on host; known_hosts holds its key (another one if wrong_key; none if
+        not known)."""
         config = self.dir / f"sshd_{host.name}"
         config.write_text(
             f"ListenAddress {host.address}:{port}\n"
@@ -125,8 +128,9 @@ class SshSite:
         log = open(self.dir / f"sshd_{host.name}.log", "wb")  # noqa: SIM115 (the process's)
         process = host.popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)
         self.servers[host.name] = process
-        with self.known_hosts.open("a") as known:
-            known.write(f"{host.address} {self.host_pub}\n")
+        if known:
+            with self.known_hosts.open("a") as hosts:
+                hosts.write(f"{host.address} {self.host_pub}\n")
         deadline = time.monotonic() + 10
         while not self._listening(host, port):
             if process.poll() is not None or time.monotonic() > deadline:
