@@ -17,6 +17,14 @@ import yaml
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import BATCH_PARAM, DEFAULT_PORT
+from ddump.ssh_targets import (
+    SSH_SCHEME,
+    SshTarget,
+    check_ssh_filter,
+    check_ssh_option,
+    is_ssh_url,
+    parse_ssh_target,
+)
 from ddump.targets import (
     DEFAULT_PATH,
     Endpoint,
@@ -33,6 +41,7 @@ from ddump.targets import (
 _STR, _INT, _OPTIONAL_STR = "a string", "an integer", "a string or null"
 _OPTIONAL_INT = "an integer or null"
 _OPTIONAL_BOOL = "true, false or null"
+_STR_LIST = "a list of strings"
 # null is allowed where it means "none" (no filter, no password, ...), to undo a default.
 _DEFAULT_KEYS = {
     "scheme": _STR,
@@ -47,7 +56,13 @@ _DEFAULT_KEYS = {
     "ca": _OPTIONAL_STR,
     "cert": _OPTIONAL_STR,
     "key": _OPTIONAL_STR,
+    # scheme: ssh only (ddump/ssh_targets.py)
+    "user": _OPTIONAL_STR,
+    "sudo": _OPTIONAL_BOOL,
+    "ssh_options": _STR_LIST,
 }
+_SSH_ONLY = ("user", "sudo", "ssh_options")
+_WORKER_ONLY = ("path", "username", "password_env", "password_file", "ca", "cert", "key")
 _TARGET_KEYS = {"name": _STR, "url": _STR, "host": _STR, **_DEFAULT_KEYS}
 _NODE = ""  # kept as a node, checked by its reader
 _TOP_KEYS = {"defaults": _NODE, "targets": _NODE, "groups": _NODE}
@@ -70,7 +85,7 @@ _Settings = dict[str, _Setting]
 
 def load_inventory(
     path: str, groups: Sequence[str] = (), *, environ: Mapping[str, str] = os.environ
-) -> list[Target]:
+) -> list[Target | SshTarget]:
     """Read an inventory; return all its targets, or only those of `groups` when given."""
     try:
         with open(path, "rb") as file:
@@ -91,7 +106,7 @@ class _Inventory:
     def error(self, node: yaml.Node, message: str) -> UsageError:
         return UsageError(f"{self.path}:{node.start_mark.line + 1}: {message}")
 
-    def load(self, data: bytes, selected: Sequence[str]) -> list[Target]:
+    def load(self, data: bytes, selected: Sequence[str]) -> list[Target | SshTarget]:
         try:
             root = yaml.compose(data, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as error:
@@ -112,7 +127,7 @@ class _Inventory:
         chosen = _unique(self.select(groups, selected)) if selected else every
         chosen_ids = {id(node) for node in chosen}
         # Every target is checked, chosen or not; only the chosen ones read their password.
-        built: dict[int, Target] = {}
+        built: dict[int, Target | SshTarget] = {}
         names: dict[str, yaml.Node] = {}
         for node in every:
             target, name_node = self.target(node, defaults, id(node) in chosen_ids)
@@ -199,6 +214,9 @@ class _Inventory:
             if name not in kinds:
                 raise self.error(key, f"unknown key {name!r} {where} (known: {', '.join(kinds)})")
             kind = kinds[name]
+            if kind == _STR_LIST:
+                settings[name] = _Setting(self.ssh_options(value_node, name), value_node)
+                continue
             value = value_node if kind == _NODE else self.value(value_node)
             if kind != _NODE and not _has_kind(value, kind):
                 hint = (
@@ -211,6 +229,18 @@ class _Inventory:
                 )
             settings[name] = _Setting(value, value_node)
         return settings
+
+    def ssh_options(self, node: yaml.Node, name: str) -> tuple[str, ...]:
+        """A list of ssh `-o` values, each checked on its own line."""
+        options = []
+        for item in self.sequence(node, name):
+            value = self.value(item)
+            if not isinstance(value, str):
+                raise self.error(
+                    item, f"{name} holds strings (Key=Value), not {self.describe(item)}"
+                )
+            options.append(self.check(item, check_ssh_option, value))
+        return tuple(options)
 
     def value(self, node: yaml.Node) -> object:
         if not isinstance(node, yaml.ScalarNode):
@@ -233,7 +263,7 @@ class _Inventory:
 
     def target(
         self, node: yaml.Node, defaults: _Settings, read_password: bool
-    ) -> tuple[Target, yaml.Node | None]:
+    ) -> tuple[Target | SshTarget, yaml.Node | None]:
         if isinstance(node, yaml.MappingNode):
             own = self.settings(node, _TARGET_KEYS, "in a target")
         elif isinstance(node, yaml.ScalarNode) and isinstance(self.value(node), str):
@@ -244,6 +274,11 @@ class _Inventory:
             )
         if "url" in own and "host" in own:
             raise self.error(own["host"].node, "give 'url' or 'host', not both")
+        if self.is_ssh(own, defaults):
+            return self.ssh_target(node, own, defaults)
+        for only in _SSH_ONLY:
+            if only in own:
+                raise self.error(own[only].node, f"{only} is for ssh targets (scheme: ssh)")
         if "url" in own:
             endpoint = self.url_endpoint(own)
         elif "host" in own:
@@ -271,6 +306,62 @@ class _Inventory:
             ca=ca,
             cert=cert,
             key=key,
+        )
+        return target, name.node if name else None
+
+    def is_ssh(self, own: _Settings, defaults: _Settings) -> bool:
+        if "url" in own:
+            return is_ssh_url(str(own["url"].value))
+        scheme = own.get("scheme") or defaults.get("scheme")
+        return scheme is not None and str(scheme.value).lower() == SSH_SCHEME
+
+    def ssh_target(
+        self, node: yaml.Node, own: _Settings, defaults: _Settings
+    ) -> tuple[SshTarget, yaml.Node | None]:
+        """A `scheme: ssh` target (or an ssh:// url): the worker's keys do not apply to it."""
+        for key in _WORKER_ONLY:
+            if key in own:
+                raise self.error(own[key].node, f"{key} is not for ssh targets")
+        # The defaults' port and options are for ssh only when the defaults say scheme: ssh.
+        shared = defaults if self.is_ssh({}, defaults) else {}
+        merged = {**defaults, **own}
+        if "url" in own:
+            url = own["url"]
+            for key in ("host", "port", "scheme", "user", "filter", "snaplen", BATCH_PARAM):
+                if key in own:
+                    raise self.error(
+                        own[key].node, f"{key!r} cannot go with 'url': put it in the URL"
+                    )
+            target = self.check(url.node, parse_ssh_target, str(url.value))
+        else:
+            host = self.checked(own, "host", validate_host, "")
+            port = self.checked({**shared, **own}, "port", validate_port, None)
+            target = SshTarget(
+                name=host if port is None else f"{host}:{port}", host=host, port=port
+            )
+        filter_ = merged.get("filter")
+        snaplen = merged.get("snaplen")
+        if snaplen is not None and snaplen.value is not None:
+            self.with_snaplen(Endpoint("http", "h"), snaplen)  # the same range check
+        user = merged.get("user")
+        sudo, batch = merged.get("sudo"), merged.get(BATCH_PARAM)
+        options = merged.get("ssh_options")
+        name = own.get("name")
+        if name is not None and not str(name.value).strip():
+            raise self.error(name.node, "name is empty")
+        target = replace(
+            target,
+            name=str(name.value) if name else target.name,
+            user=target.user or (_str_or_none(user.value) if user else None),
+            filter=target.filter
+            if target.filter is not None or filter_ is None
+            else self.check(filter_.node, check_ssh_filter, _str_or_none(filter_.value)),
+            snaplen=target.snaplen
+            if target.snaplen is not None or snaplen is None
+            else _int_or_none(snaplen.value),
+            batch=target.batch or bool(batch and batch.value),
+            sudo=target.sudo or bool(sudo and sudo.value),
+            ssh_options=options.value if options else (),  # type: ignore[arg-type]
         )
         return target, name.node if name else None
 
@@ -406,6 +497,10 @@ def _flag_text(setting: _Setting | None) -> str | None:
     if setting is None or setting.value is None:
         return None
     return "1" if setting.value else "0"
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
 
 
 def _str_or_none(value: object) -> str | None:

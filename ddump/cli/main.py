@@ -54,10 +54,11 @@ def collect_targets(options: Options) -> list[Target | SshTarget | FileSource]:
     if options.inventories:
         from ddump.inventory import load_inventory  # YAML only when there is an inventory
     for path in options.inventories:
-        for target in load_inventory(path, options.groups):
-            if isinstance(target, SshTarget):
-                sources.append(with_ssh_defaults(target, options, options.filter))
+        for entry in load_inventory(path, options.groups):
+            if isinstance(entry, SshTarget):
+                sources.append(with_ssh_defaults(entry, options, options.filter))
                 continue
+            target = entry
             if target.filter is None and options.filter is not None:
                 target = replace(
                     with_query_default(target, "filter", options.filter), filter=options.filter
