@@ -80,6 +80,7 @@ class _Connection:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     failed: bool = False
+    starting: asyncio.Task[None] | None = None  # referenced while it runs
 
     async def start(self, target: SshTarget, timeout_s: float) -> None:
         try:
@@ -112,6 +113,18 @@ class _Connection:
             with contextlib.suppress(ProcessLookupError):
                 self.process.terminate()
 
+    async def stopped(self) -> None:
+        """Stop the connection and wait for ssh to exit (killed after STOP_GRACE_S)."""
+        self.stop()
+        if self.process is None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
 
 class SshConnections:
     """The shared connections, by destination (user, host, port and ssh options)."""
@@ -134,23 +147,22 @@ class SshConnections:
             self._made += 1
             connection = _Connection(key, os.path.join(self._directory, str(self._made)))
             pool.append(connection)
-            asyncio.get_running_loop().create_task(
+            connection.starting = asyncio.get_running_loop().create_task(
                 connection.start(target, timeout_s), name=f"ssh connection to {target.host}"
             )
         connection.users += 1
         try:
             await asyncio.shield(connection.ready)
         except BaseException:
-            self.release(connection)
+            await self.release(connection)
             raise
         return connection
 
-    def release(self, connection: _Connection) -> None:
-        """One session less; the last one closes the connection."""
+    async def release(self, connection: _Connection) -> None:
+        """One session less; the last one closes the connection (and waits for it)."""
         connection.users -= 1
         if connection.users > 0:
             return
-        connection.stop()
         pool = self._by_key.get(connection.key, [])
         if connection in pool:
             pool.remove(connection)
@@ -158,8 +170,12 @@ class SshConnections:
             self._by_key.pop(connection.key, None)
         if not self._by_key and self._directory is not None:
             # ssh removes its socket as it exits; the directory is ddump's to remove.
-            shutil.rmtree(self._directory, ignore_errors=True)
-            self._directory = None
+            directory, self._directory = self._directory, None
+        else:
+            directory = None
+        await connection.stopped()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 CONNECTIONS = SshConnections()
@@ -204,7 +220,7 @@ class SshStream:
                 with contextlib.suppress(ProcessLookupError):
                     self._process.kill()
                 await self._process.wait()
-            self.connections.release(connection)
+            await self.connections.release(connection)
 
     async def _connect(self) -> _Connection | None:
         acquire = asyncio.ensure_future(
@@ -220,7 +236,7 @@ class SshStream:
             return None
         connection = acquire.result()
         if self._closing:
-            self.connections.release(connection)
+            await self.connections.release(connection)
             return None
         return connection
 
