@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -139,19 +140,44 @@ def part_first_byte(n_hosts: int, runs: int) -> None:
         for run in range(runs):
             started = time.monotonic()
             process = cli_host.popen(
-                [*fb.DDUMP, "-q", *targets, "-w", "-"],
+                [*fb.DDUMP, *targets, "-w", "-"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=site.env,
             )
-            assert process.stdout is not None
+            assert process.stdout is not None and process.stderr is not None
+            capturing: list[float] = []  # when each target said it was capturing
+
+            def watch(
+                stderr: IO[bytes] = process.stderr,
+                into: list[float] = capturing,
+                since: float = started,
+            ) -> None:
+                for line in stderr:
+                    if b": capturing" in line:
+                        into.append(time.monotonic() - since)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
             ready, _, _ = select.select([process.stdout], [], [], 30)
             took = time.monotonic() - started
             first = os.read(process.stdout.fileno(), 24) if ready else b""
+            deadline = time.monotonic() + 20
+            while len(capturing) < n_hosts and time.monotonic() < deadline:
+                time.sleep(0.05)
             process.send_signal(signal.SIGINT)
-            process.communicate(timeout=20)
+            process.stdout.read()
+            process.wait(20)
+            watcher.join(5)
+            spread = (
+                f"{capturing[0]:.2f} / {fb.percentile(capturing, 0.5):.2f} / {capturing[-1]:.2f}"
+                if capturing
+                else "none"
+            )
             print(f"first byte, {n_hosts} ssh:// hosts, run {run + 1}: {took:.2f} s "
-                  f"({len(first)} bytes)", flush=True)  # fmt: skip
+                  f"({len(first)} bytes); 'capturing' first / median / last: {spread} s "
+                  f"({len(capturing)} targets)", flush=True)  # fmt: skip
         traffic.join(60)
 
 
