@@ -331,3 +331,38 @@ def test_sudo_that_wants_a_password_and_a_user_who_may_not_capture_fail_at_once(
     assert "sudo: a password is required" in cli.stderr
     assert "NOPASSWD: /usr/bin/tcpdump" in cli.stderr
     assert "the login user may not capture: add ?sudo=1" in cli.stderr
+
+
+def test_pcapng_names_an_ssh_hosts_interfaces_host_colon_iface(
+    site: SshSite, tmp_path: Path
+) -> None:
+    tshark = require_tool("tshark")
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        site.serve(h1)
+        cli = Cli(site, [ssh_url(h1)], tmp_path / "out.pcapng")
+        cli.wait_for(": capturing")
+        udp_traffic(h1, h2, port=5009, count=5)
+        time.sleep(0.5)
+        status = cli.finish()
+
+    fields = subprocess.run(
+        [tshark, "-r", str(cli.out), "-T", "fields", "-e", "frame.interface_name"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status == 0, cli.stderr
+    assert fields.stdout.split() == [f"{h1.address}:eth0"] * 5, fields.stderr
+
+
+def test_count_in_the_url_ends_that_target_normally(site: SshSite, tmp_path: Path) -> None:
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        site.serve(h1)
+        cli = Cli(site, [ssh_url(h1) + "&count=3"], tmp_path / "out.pcap")
+        cli.wait_for(": capturing")
+        udp_traffic(h1, h2, port=5010, count=10)
+        status = cli.finish(signum=None)
+
+    assert status == 0, cli.stderr
+    assert f"ddump: {h1.address}: ended (3 packets)" in cli.stderr
+    assert len(cli.records()) == 3
