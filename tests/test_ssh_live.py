@@ -366,3 +366,33 @@ def test_count_in_the_url_ends_that_target_normally(site: SshSite, tmp_path: Pat
     assert status == 0, cli.stderr
     assert f"ddump: {h1.address}: ended (3 packets)" in cli.stderr
     assert len(cli.records()) == 3
+
+
+def test_closed_stdout_ends_quietly_and_leaves_no_remote_tcpdump(site: SshSite) -> None:
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        site.serve(h1)
+        ddump = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", ssh_url(h1)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=site.env,
+        )  # fmt: skip
+        reader = subprocess.Popen(
+            ["tcpdump", "-c", "5", "-nn", "-r", "-"],
+            stdin=ddump.stdout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert ddump.stdout is not None
+        ddump.stdout.close()
+        deadline = time.monotonic() + 20
+        while not tcpdumps(h1, wait=0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        udp_traffic(h1, h2, port=5011, count=20)
+
+        lines, _ = reader.communicate(timeout=20)
+        _, err = ddump.communicate(timeout=20)
+        left = tcpdumps(h1, wait=1)
+
+    assert len(lines.decode().splitlines()) == 5
+    assert ddump.returncode == 0, err
+    assert left == []
