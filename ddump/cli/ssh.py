@@ -41,6 +41,9 @@ SESSIONS_PER_CONNECTION = 10  # sshd's default MaxSessions
 READ_SIZE = 256 * 1024
 STDERR_KEEP = 64 * 1024
 STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then ssh is killed
+# From the session's start to tcpdump's "listening on": sudo, the shell and tcpdump (a worker
+# gets the same grace for its answer, ddump/cli/stream.py).
+LISTEN_GRACE_S = 10.0
 _SOCKET_POLL_S = 0.01
 _SSH_FAILED = 255  # ssh's own exit status: the connection failed, not the remote command
 
@@ -255,7 +258,13 @@ class SshStream:
             await process.stdin.drain()
         reader = asyncio.ensure_future(self._read_stderr(process))
         try:
-            await self._wait_until_listening(process)
+            if not await self._wait_until_listening():
+                self._stop_remote()
+                await self._ended(process)
+                raise StreamFailure(
+                    f"tcpdump did not start listening within {LISTEN_GRACE_S:g} s: "
+                    + self._failure(process.returncode)
+                )
             if not self._listening.is_set():
                 if self._closing:
                     return
@@ -281,16 +290,20 @@ class SshStream:
             return
         raise StreamFailure(self._failure(process.returncode))
 
-    async def _wait_until_listening(self, process: asyncio.subprocess.Process) -> None:
+    async def _wait_until_listening(self) -> bool:
+        """Until tcpdump listens, the session ends or close(); False after LISTEN_GRACE_S."""
         waits = [
             asyncio.ensure_future(event.wait())
             for event in (self._listening, self._stderr_done, self._closed)
         ]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=LISTEN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for wait in waits:
                 wait.cancel()
+        return bool(done)
 
     def _opened(self, sent_ns: int) -> Opened:
         offset = spread = None
