@@ -15,16 +15,10 @@ from typing import Any, TypeVar
 import yaml
 
 from ddump.errors import UsageError
+from ddump.inventory_ssh import is_ssh, ssh_target
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import BATCH_PARAM, DEFAULT_PORT
-from ddump.ssh_targets import (
-    SSH_SCHEME,
-    SshTarget,
-    check_ssh_filter,
-    check_ssh_option,
-    is_ssh_url,
-    parse_ssh_target,
-)
+from ddump.ssh_targets import SshTarget, check_ssh_option
 from ddump.targets import (
     DEFAULT_PATH,
     Endpoint,
@@ -62,7 +56,6 @@ _DEFAULT_KEYS = {
     "ssh_options": _STR_LIST,
 }
 _SSH_ONLY = ("user", "sudo", "ssh_options")
-_WORKER_ONLY = ("path", "username", "password_env", "password_file", "ca", "cert", "key")
 _TARGET_KEYS = {"name": _STR, "url": _STR, "host": _STR, **_DEFAULT_KEYS}
 _NODE = ""  # kept as a node, checked by its reader
 _TOP_KEYS = {"defaults": _NODE, "targets": _NODE, "groups": _NODE}
@@ -274,8 +267,8 @@ class _Inventory:
             )
         if "url" in own and "host" in own:
             raise self.error(own["host"].node, "give 'url' or 'host', not both")
-        if self.is_ssh(own, defaults):
-            return self.ssh_target(node, own, defaults)
+        if is_ssh(own, defaults):
+            return ssh_target(self, own, defaults)
         for only in _SSH_ONLY:
             if only in own:
                 raise self.error(own[only].node, f"{only} is for ssh targets (scheme: ssh)")
@@ -306,62 +299,6 @@ class _Inventory:
             ca=ca,
             cert=cert,
             key=key,
-        )
-        return target, name.node if name else None
-
-    def is_ssh(self, own: _Settings, defaults: _Settings) -> bool:
-        if "url" in own:
-            return is_ssh_url(str(own["url"].value))
-        scheme = own.get("scheme") or defaults.get("scheme")
-        return scheme is not None and str(scheme.value).lower() == SSH_SCHEME
-
-    def ssh_target(
-        self, node: yaml.Node, own: _Settings, defaults: _Settings
-    ) -> tuple[SshTarget, yaml.Node | None]:
-        """A `scheme: ssh` target (or an ssh:// url): the worker's keys do not apply to it."""
-        for key in _WORKER_ONLY:
-            if key in own:
-                raise self.error(own[key].node, f"{key} is not for ssh targets")
-        # The defaults' port and options are for ssh only when the defaults say scheme: ssh.
-        shared = defaults if self.is_ssh({}, defaults) else {}
-        merged = {**defaults, **own}
-        if "url" in own:
-            url = own["url"]
-            for key in ("host", "port", "scheme", "user", "filter", "snaplen", BATCH_PARAM):
-                if key in own:
-                    raise self.error(
-                        own[key].node, f"{key!r} cannot go with 'url': put it in the URL"
-                    )
-            target = self.check(url.node, parse_ssh_target, str(url.value))
-        else:
-            host = self.checked(own, "host", validate_host, "")
-            port = self.checked({**shared, **own}, "port", validate_port, None)
-            target = SshTarget(
-                name=host if port is None else f"{host}:{port}", host=host, port=port
-            )
-        filter_ = merged.get("filter")
-        snaplen = merged.get("snaplen")
-        if snaplen is not None and snaplen.value is not None:
-            self.with_snaplen(Endpoint("http", "h"), snaplen)  # the same range check
-        user = merged.get("user")
-        sudo, batch = merged.get("sudo"), merged.get(BATCH_PARAM)
-        options = merged.get("ssh_options")
-        name = own.get("name")
-        if name is not None and not str(name.value).strip():
-            raise self.error(name.node, "name is empty")
-        target = replace(
-            target,
-            name=str(name.value) if name else target.name,
-            user=target.user or (_str_or_none(user.value) if user else None),
-            filter=target.filter
-            if target.filter is not None or filter_ is None
-            else self.check(filter_.node, check_ssh_filter, _str_or_none(filter_.value)),
-            snaplen=target.snaplen
-            if target.snaplen is not None or snaplen is None
-            else _int_or_none(snaplen.value),
-            batch=target.batch or bool(batch and batch.value),
-            sudo=target.sudo or bool(sudo and sudo.value),
-            ssh_options=options.value if options else (),  # type: ignore[arg-type]
         )
         return target, name.node if name else None
 
@@ -497,10 +434,6 @@ def _flag_text(setting: _Setting | None) -> str | None:
     if setting is None or setting.value is None:
         return None
     return "1" if setting.value else "0"
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) else None
 
 
 def _str_or_none(value: object) -> str | None:
