@@ -32,14 +32,14 @@ def is_ssh(own: _Settings, defaults: _Settings) -> bool:
 
 
 def ssh_target(
-    reader: _Inventory, own: _Settings, defaults: _Settings
+    reader: _Inventory, own: _Settings, defaults: _Settings, typed: _Settings
 ) -> tuple[SshTarget, yaml.Node | None]:
     """The SshTarget of one inventory entry, and its name's node (for duplicate names)."""
     for key in _WORKER_ONLY:
         if key in own:
             raise reader.error(own[key].node, f"{key} is not for ssh targets")
     shared = defaults if is_ssh({}, defaults) else {}
-    merged = {**defaults, **own}
+    merged = {**defaults, **typed, **own}  # typed: the command line's, over the defaults
     if "url" in own:
         for key in _NOT_WITH_URL:
             if key in own:
