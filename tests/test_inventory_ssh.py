@@ -86,3 +86,15 @@ def test_ssh_errors_name_the_line(tmp_path: Path, text: str, message: str) -> No
         collect_targets(parse_args(["-f", write(tmp_path, text)]))
 
     assert message in str(caught.value)
+
+
+def test_an_ssh_target_given_twice_is_captured_once_with_a_warning() -> None:
+    warnings: list[str] = []
+
+    targets = collect_targets(
+        parse_args(["ssh://web-1?filter=udp", "SSH://web-1?filter=udp", "ssh://web-1"]),
+        warnings.append,
+    )
+
+    assert [t.name for t in targets] == ["web-1 (udp)", "web-1 (no filter)"]
+    assert warnings == ["ssh://web-1?filter=udp is given twice: captured once, as web-1"]
