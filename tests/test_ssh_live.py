@@ -396,3 +396,18 @@ def test_closed_stdout_ends_quietly_and_leaves_no_remote_tcpdump(site: SshSite) 
     assert len(lines.decode().splitlines()) == 5
     assert ddump.returncode == 0, err
     assert left == []
+
+
+def test_ddump_killed_outright_leaves_no_remote_tcpdump(site: SshSite, tmp_path: Path) -> None:
+    with Fleet(1) as fleet:
+        (h1,) = fleet.hosts
+        site.serve(h1)
+        cli = Cli(site, [ssh_url(h1, "udp port 9")], tmp_path / "out.pcap")
+        cli.wait_for(": capturing")
+        assert tcpdumps(h1, wait=0) != []
+
+        cli.process.kill()  # no cleanup of its own: its ssh processes die with it
+        cli.finish(signum=None)
+        left = tcpdumps(h1, wait=2)
+
+    assert left == []
