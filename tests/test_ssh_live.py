@@ -47,14 +47,16 @@ def site() -> Iterator[SshSite]:
 class Cli:
     """The real `ddump` in the root namespace, its ssh reading the site's configuration."""
 
-    def __init__(self, site: SshSite, args: list[str], out: Path) -> None:
+    def __init__(
+        self, site: SshSite, args: list[str], out: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.out = out
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ddump.cli.main", "-w", str(out), *args],
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=site.env,
+            env={**site.env, **(env or {})},
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -402,7 +404,9 @@ def test_ddump_killed_outright_leaves_no_remote_tcpdump(site: SshSite, tmp_path:
     with Fleet(1) as fleet:
         (h1,) = fleet.hosts
         site.serve(h1)
-        cli = Cli(site, [ssh_url(h1, "udp port 9")], tmp_path / "out.pcap")
+        # Its control socket's directory stays behind (nothing runs to remove it): in tmp_path.
+        env = {"TMPDIR": str(tmp_path)}
+        cli = Cli(site, [ssh_url(h1, "udp port 9")], tmp_path / "out.pcap", env)
         cli.wait_for(": capturing")
         assert tcpdumps(h1, wait=0) != []
 
