@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ddump.cli.compress import compression_of
 from ddump.cli.files import FileSource, looks_like_file, parse_file_source
 from ddump.cli.options import Options, parse_args
-from ddump.cli.output import PcapOutput
+from ddump.cli.output import Output, PcapOutput
 from ddump.cli.report import Reporter
 from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
@@ -117,7 +118,13 @@ def run(options: Options, reporter: Reporter) -> ExitStatus:
     targets = collect_targets(options)
     contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
     check_tls(targets, contexts)
-    output = PcapOutput.open(options.write)
+    output: Output
+    if options.rotation.rotates or compression_of(options.write):
+        from ddump.cli.savefiles import RotatingOutput
+
+        output = RotatingOutput(options.rotation, reporter)
+    else:
+        output = PcapOutput.open(options.write)
     if options.format == "pcapng":
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 

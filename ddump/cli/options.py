@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ddump import __version__
+from ddump.cli.compress import without_compression
+from ddump.cli.rotation import Rotation, check, parse_size
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.records import ENGINE
@@ -36,6 +38,9 @@ examples:
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
   ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
   ddump web-1.pcap web-2.pcap -w merged.pcap
+  ddump -f fleet.yaml -w 'fleet-%Y%m%d-%H%M%S.pcap' -G 600     # a new file every 10 min
+  ddump -f fleet.yaml -w fleet.pcapng -C 100 -W 20              # a ring of 20 x 100 MB
+  ddump -f fleet.yaml -w fleet.pcap.gz                          # gzip, flushed every second
 
 exit status:
   0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
@@ -59,6 +64,7 @@ class Options:
     batch: bool
     write: str
     format: str  # pcap | pcapng
+    rotation: Rotation  # -w with -C, -G, -W, -z
     count: int | None
     duration_ns: int | None
     max_delay_ns: int
@@ -97,6 +103,29 @@ def _snaplen(text: str) -> int:
     if value > DEFAULT_SNAPLEN:
         raise argparse.ArgumentTypeError(f"at most {DEFAULT_SNAPLEN} (a whole packet)")
     return value
+
+
+def _file_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _whole_seconds(text: str) -> int:
+    return _positive_int(text) * 10**9
+
+
+_NOT_WRITTEN = (".zst", ".zstd", ".xz", ".bz2", ".lz4")  # read by tshark, but not written here
+
+
+def _output_name(text: str) -> str:
+    if text.lower().endswith(_NOT_WRITTEN):
+        raise argparse.ArgumentTypeError(
+            f"{text}: ddump compresses only to gzip: name the file .gz (or use -z to compress "
+            "each finished file with any program)"
+        )
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -181,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument(
-        "-w", dest="write", default="-", metavar="FILE", help="write the pcap to FILE (- = stdout)"
+        "-w",
+        dest="write",
+        type=_output_name,
+        default="-",
+        metavar="FILE",
+        help="write the pcap to FILE (- = stdout); a name ending in .gz is written as gzip, "
+        "readable up to the last second if ddump is killed (see -C/-G for rotated files)",
     )
     output.add_argument(
         "--format",
@@ -206,6 +241,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest time a quiet target may hold back the others' packets; packets that "
         "arrive later than this are still written, out of place, and counted as late "
         "(default 250ms)",
+    )
+
+    files = parser.add_argument_group(
+        "rotated files (as tcpdump's options; each file is a whole capture of its own, and "
+        "the files read in order are the merged capture)"
+    )
+    files.add_argument(
+        "-C",
+        dest="file_size",
+        type=_file_size,
+        metavar="SIZE",
+        help="start a new file when the current one is larger than SIZE millions of bytes "
+        "(before compression; e.g. 100, 0.5); the next files are named FILE1, FILE2, ...",
+    )
+    files.add_argument(
+        "-G",
+        dest="rotate_seconds",
+        type=_whole_seconds,
+        metavar="SECONDS",
+        help="start a new file every SECONDS, named by strftime from -w "
+        "(e.g. -w 'fleet-%%Y%%m%%d-%%H%%M%%S.pcap', local time)",
+    )
+    files.add_argument(
+        "-W",
+        dest="file_count",
+        type=_positive_int,
+        metavar="N",
+        help="with -C: a ring of N files (FILE00..FILE19 for 20), the oldest replaced first; "
+        "with -G: stop after N files",
+    )
+    files.add_argument(
+        "-z",
+        dest="postrotate",
+        metavar="COMMAND",
+        help="run COMMAND FILE on each finished file, without a shell (e.g. -z gzip; a "
+        "program, no arguments: use a script for more); a failure is reported, not fatal",
     )
 
     connection = parser.add_argument_group("connection")
@@ -255,6 +326,11 @@ def parse_args(argv: Sequence[str]) -> Options:
     groups = tuple(g.strip() for arg in ns.group for g in arg.split(",") if g.strip())
     if groups and not ns.inventory:
         raise UsageError("--group selects inventory groups: it needs -f FLEET.yaml")
+    rotation = Rotation(
+        ns.write, ns.file_size, ns.rotate_seconds, ns.file_count, _program(ns.postrotate)
+    )
+    check(rotation)
+    plain_name = without_compression(ns.write).lower()
     return Options(
         urls=tuple(ns.urls),
         inventories=tuple(ns.inventory),
@@ -263,7 +339,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         snaplen=ns.snaplen,
         batch=ns.batch,
         write=ns.write,
-        format=ns.format or ("pcapng" if ns.write.endswith(".pcapng") else "pcap"),
+        format=ns.format or ("pcapng" if plain_name.endswith(".pcapng") else "pcap"),
+        rotation=rotation,
         count=ns.count,
         duration_ns=ns.duration,
         max_delay_ns=ns.max_delay,
@@ -276,3 +353,15 @@ def parse_args(argv: Sequence[str]) -> Options:
         verbose=ns.verbose,
         traceback=ns.traceback,
     )
+
+
+def _program(command: str | None) -> str | None:
+    """-z's program, found now: a typo or `-z 'gzip -9'` is a usage error, not N warnings."""
+    if command is None:
+        return None
+    import shutil  # only with -z (its import costs ~2 ms, see _HelpFormatter)
+
+    if shutil.which(command) is None:
+        hint = " (a program without arguments, as tcpdump takes it)" if " " in command else ""
+        raise UsageError(f"-z {command}: no such program{hint}")
+    return command

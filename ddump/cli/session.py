@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ddump import records as batches
 from ddump.cli.files import FileSource, FileStream
-from ddump.cli.output import OutputClosed, PcapOutput
+from ddump.cli.output import Output, OutputClosed
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.sources import Opened, StreamFailure
 from ddump.cli.tls import ContextCache
@@ -84,7 +84,7 @@ class Session:
         self,
         targets: list[Target | FileSource],
         contexts: ContextCache,
-        output: PcapOutput,
+        output: Output,
         reporter: Reporter,
         settings: SessionSettings,
     ) -> None:
@@ -164,7 +164,7 @@ class Session:
         for r in self.runs:
             r.counts.late = self.merger.streams[r.index].late
         written = self.output.records
-        self.reporter.summary([r.counts for r in self.runs], written, late)
+        self.reporter.summary([r.counts for r in self.runs], written, late, self.output.where)
 
     async def _collect_tcpdump_counts(self) -> None:
         """Ask each worker for tcpdump's counts: its kernel drops are packets nobody will see."""
@@ -605,7 +605,7 @@ class Session:
             self._release()
             if self.output.reader_gone():
                 self._take_output_error()
-                self.stop("output closed")
+                self.stop(str(self.output.error or "output closed"))
             now = loop.time()
             if self.reporter.live and now >= next_status:
                 packets = self.output.records
@@ -615,7 +615,7 @@ class Session:
                 capturing = sum(r.counts.state == "capturing" for r in self.runs)
                 self.reporter.status(
                     f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
-                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
+                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB{self.output.where}"
                 )
 
 
