@@ -241,7 +241,15 @@ class RotatingOutput:
 
     def _arm(self) -> None:
         if self._timer is None and not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self._on_timer)
+            self._timer = asyncio.get_running_loop().call_later(
+                self._next_tick_s(time.time_ns()), self._on_timer
+            )
+
+    def _next_tick_s(self, now: int) -> float:
+        # Until the next -G file is due, or a second; a due file still without its header
+        # (no packet yet, so no link type) is looked at again a second later.
+        due = self.plan.due_ns()
+        return FLUSH_S if due is None or due <= now else min(FLUSH_S, (due - now) / 1e9)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -274,11 +282,7 @@ class RotatingOutput:
             return
         except DdumpError:
             return
-        # Until the next -G file is due, or a second; a due file still without its header
-        # (no packet yet, so no link type) is looked at again a second later.
-        due = self.plan.due_ns()
-        delay = FLUSH_S if due is None or due <= now else min(FLUSH_S, (due - now) / 1e9)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._timer = asyncio.get_running_loop().call_later(self._next_tick_s(now), self._on_timer)
 
     def _run_command(self, command: str, path: str) -> None:
         try:
