@@ -273,19 +273,25 @@ def feed(args: list[str], count: int, every_s: float) -> subprocess.Popen[str]:
 
 def test_time_rotation_tiles_the_run_and_w_stops_after_n_files(tmp_path: Path) -> None:
     template = str(tmp_path / "t-%H%M%S.pcap")
+    log = tmp_path / "done.log"
+    script = tmp_path / "slow-on-done"
+    script.write_text(f'#!/bin/sh\nsleep 2\nprintf "%s\\n" "$1" >> {log}\n')
+    script.chmod(0o755)
 
     # Up to 100 packets over ~6 s, a file every second, at most 3 files: the run stops itself.
-    proc = feed(["-w", template, "-G", "1", "-W", "3", "-v"], 100, 0.06)
+    proc = feed(["-w", template, "-G", "1", "-W", "3", "-v", "-z", str(script)], 100, 0.06)
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()
     status = proc.wait(timeout=20)
+    done = log.read_text().splitlines() if log.exists() else []  # as ddump exits
     stderr = proc.stderr.read().decode() if proc.stderr else ""
 
     assert status == 0, stderr
     files = sorted(tmp_path.glob("t-*.pcap"))
     assert len(files) == 3, stderr
     assert "stopping: -W 3: the last file is done" in stderr
+    assert sorted(done) == [str(f) for f in files]  # ddump waited for the last one too
     payloads = [data[16 + 20 :] for f in files for _, data in records(f)]
     assert payloads == [b"live-%d" % i for i in range(len(payloads))]  # in order, none twice
     assert 30 <= len(payloads) < 80  # about three seconds' worth, not the whole six

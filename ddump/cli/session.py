@@ -158,6 +158,8 @@ class Session:
                 await self.output.flush()
             except DdumpError:
                 pass  # kept in output.error
+        else:
+            await self.output.flush()  # it may still run something (-z on the last file)
         self._take_output_error()
         self.reporter.clear_status()
         late = sum(s.late for s in self.merger.streams)
