@@ -108,10 +108,10 @@ def test_percent_percent_is_not_a_time_field() -> None:
 def test_a_record_goes_in_while_the_file_is_not_larger_than_the_size() -> None:
     # 24 bytes of header, then 100-byte records, against 250 bytes: 24, 124, 224 -> 3 records
     # go in (the file is then 324 bytes: at most one record past the size, as tcpdump).
-    assert records_that_fit(24, 250, [100] * 10) == 3
-    assert records_that_fit(300, 250, [100] * 10) == 0
-    assert records_that_fit(250, 250, [100] * 10) == 1
-    assert records_that_fit(0, 250, []) == 0
+    assert records_that_fit(24, 250, [100] * 10) == (3, 300)
+    assert records_that_fit(300, 250, [100] * 10) == (0, 0)
+    assert records_that_fit(250, 250, [100, 50]) == (1, 100)
+    assert records_that_fit(0, 250, []) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ class GzipStream:
         self._deflate = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
         self._open = False  # data went in since the last member ended
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
         """What is ready of `data`'s compressed form (zlib keeps some back until a flush)."""
         if not data:
             return b""

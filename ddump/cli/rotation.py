@@ -117,18 +117,18 @@ def file_name(template: str, *, when_ns: int | None, number: int, width: int) ->
     return f"{base}{number:0{width}d}"
 
 
-def records_that_fit(used: int, limit: int, sizes: Iterable[int]) -> int:
-    """How many of the records (by size) go into a file of `used` bytes before it is full.
+def records_that_fit(used: int, limit: int, sizes: Iterable[int]) -> tuple[int, int]:
+    """How many of the records (by size) go into a file of `used` bytes, and their bytes.
 
     A record goes in while the file is not larger than `limit` before it, as tcpdump checks.
     """
-    count = 0
+    count = total = 0
     for size in sizes:
-        if used > limit:
+        if used + total > limit:
             break
-        used += size
+        total += size
         count += 1
-    return count
+    return count, total
 
 
 class Plan:

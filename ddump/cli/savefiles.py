@@ -48,7 +48,7 @@ class SaveFile:
         self._on_disk = 0
         self._whole = 0  # bytes on disk when it last ended with a whole record or member
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Whole records or blocks; raises OSError as the disk does."""
         self.size += len(data)
         if self.gzip is None:
@@ -63,7 +63,7 @@ class SaveFile:
             self._put(self.gzip.end_member())
             self._whole = self._on_disk
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -133,27 +133,30 @@ class RotatingOutput:
             self._failed(exc)
 
     def _write(self, records: Records) -> None:
+        # Encoded once, then cut as bytes: a batch can be large (files merge in big ones)
+        # and re-encoding what is left at every cut would cost a pass per file.
         limit = self.rotation.size
-        while records:
+        data = memoryview(encode_records(records))
+        done = at = 0  # records and bytes written so far
+        while done < len(records):
             file = self._ready()
             if self.pcapng is not None:
                 blocks = self.pcapng.take_blocks()
                 if blocks:
                     file.write(blocks)
-            data = encode_records(records)
-            take = len(records)
-            if limit is not None and file.size + len(data) > limit:
-                take = records_that_fit(file.size, limit, (len(r) for _, r in records))
+            rest = records[done:] if done else records
+            take, size = len(rest), len(data) - at
+            if limit is not None and file.size + size > limit:
+                take, size = records_that_fit(file.size, limit, (len(r) for _, r in rest))
                 if take == 0 and file.records == 0:
-                    take = 1  # a file holds at least one record, whatever its headers
-                if take < len(records):
-                    data = encode_records(records[:take])
+                    take, size = 1, len(rest[0][1])  # a file holds at least one record
             if take:
-                file.write(data)
-                self._count(records[:take] if take < len(records) else records, len(data))
+                file.write(data[at : at + size])
+                self._count(rest[:take] if take < len(rest) else rest, size)
                 file.records += take
-            records = records[take:]
-            if records:
+            done += take
+            at += size
+            if done < len(records):
                 self._end_file()
                 self._open(self.plan.next_by_size())
 
