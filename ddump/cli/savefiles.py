@@ -13,9 +13,10 @@ gzip member: what was written stays readable, and the error names the file.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import operator
 import os
-import struct
 import subprocess
 import time
 from collections.abc import Mapping
@@ -32,7 +33,8 @@ from ddump.pcapng import CaptureCounts, PcapngWriter, section_header
 from ddump.records import Records
 
 FLUSH_S: Final = 1.0  # a gzip member ends at least this often: what a kill -9 can lose
-_EPB_INTERFACE: Final = struct.Struct("<I")  # at offset 8 of an EPB
+_EPB_INTERFACE: Final = operator.itemgetter(slice(8, 12))  # an EPB's interface id, raw
+_DATA: Final = operator.itemgetter(1)
 
 
 class SaveFile:
@@ -103,7 +105,8 @@ class RotatingOutput:
         self.current = ""  # the name of the file being written, or of the last one
         self.error: DdumpError | None = None
         self._closed = False
-        self._delivered: list[int] = []  # pcapng: EPBs written per interface, for the ISBs
+        self._delivered: collections.Counter[bytes] = collections.Counter()  # pcapng: per
+        # interface (its id as raw EPB bytes), the EPBs written so far, for the ISBs
         self._timer: asyncio.TimerHandle | None = None
         self._commands: set[asyncio.Task[None]] = set()
         self._file: SaveFile | None = None
@@ -164,14 +167,17 @@ class RotatingOutput:
         self.records += len(records)
         self.bytes += size
         if self.pcapng is not None and self.rotation.rotates:
-            # Each file's statistics say how many packets were written up to its end.
-            delivered = self._delivered
-            missing = len(self.pcapng.interfaces) - len(delivered)
-            if missing > 0:
-                delivered.extend([0] * missing)
-            unpack = _EPB_INTERFACE.unpack_from
-            for _, epb in records:
-                delivered[unpack(epb, 8)[0]] += 1
+            # Each file's statistics say how many packets were written up to its end. Counted
+            # by the EPBs' raw interface fields, all in C (map, itemgetter, Counter): a
+            # Python loop over the records measured +20 % of the whole merge's CPU.
+            self._delivered.update(map(_EPB_INTERFACE, map(_DATA, records)))
+
+    def _delivered_counts(self) -> list[int]:
+        assert self.pcapng is not None
+        counts = [0] * len(self.pcapng.interfaces)
+        for raw, packets in self._delivered.items():
+            counts[int.from_bytes(raw, "little")] = packets
+        return counts
 
     def finish(self, capture_counts: Mapping[int, CaptureCounts] | None = None) -> None:
         """End the last file validly (pcapng: with tcpdump's counts), even with no packet."""
@@ -215,7 +221,7 @@ class RotatingOutput:
         file = self._file
         assert file is not None
         if self.pcapng is not None:
-            delivered = None if last else self._delivered
+            delivered = None if last else self._delivered_counts()
             file.write(self.pcapng.statistics(time.time_ns(), capture_counts, delivered))
         file.sync()
         file.close()
