@@ -381,3 +381,32 @@ def test_a_full_disk_ends_with_an_error_naming_the_file_and_valid_files(
     whole = tmp_path / ("whole" + name[4:])
     assert run_ddump(*sources, "-w", str(whole)).returncode == 0
     assert kept == records(whole)[: len(kept)]
+
+
+def test_the_status_line_names_the_current_file_and_counts_the_files(tmp_path: Path) -> None:
+    import pty
+
+    from tests.fake_worker import Script, fake_workers
+
+    now = time.time_ns() + 3600 * 10**9
+    body = pcap_stream([(now + i, sll2_packet(b"tty-%d" % i)) for i in range(3)])
+    out = tmp_path / "s.pcap.gz"
+    with fake_workers({"/capture": Script(body=[body, 1.5])}) as (w,):
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "-w", str(out), "-C", "1", w.url()],
+            stderr=follower,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(follower)
+        proc.wait(timeout=20)
+        seen = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 4096):
+                seen += chunk
+        os.close(leader)
+
+    assert proc.returncode == 0
+    assert b"1/1 targets capturing, 3 packets" in seen
+    assert f"MB to {out}".encode() in seen  # one file so far: named, not counted
+    assert f"3 packets written to {out}".encode() in seen

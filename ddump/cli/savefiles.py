@@ -119,7 +119,7 @@ class RotatingOutput:
     @property
     def where(self) -> str:
         """For the status line and the summary: how many files, and the current one."""
-        if not self.rotation.rotates:
+        if self.files == 1:
             return f" to {self.current}"
         return f" to {self.files} files, the last {self.current}"
 
