@@ -244,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     files = parser.add_argument_group(
-        "rotated files (as tcpdump's options; each file is a whole capture of its own, and "
-        "the files read in order are the merged capture)"
+        "rotated files (as tcpdump's; each a whole capture, and in order the whole merge)"
     )
     files.add_argument(
         "-C",
