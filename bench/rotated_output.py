@@ -1,5 +1,5 @@
-"""Compressed and rotated output: `ddump -w x.pcap.gz` against `mergecap | gzip -1`, and what
-rotation (-C) costs against one plain file.
+"""Compressed and rotated output: `ddump -w x.pcap.gz` (and .zst) against `mergecap | gzip -1`,
+and what rotation (-C) costs against one plain file.
 
     .venv/bin/python bench/rotated_output.py [--runs 5] [--streams 4] [--packets 100000]
 
@@ -38,6 +38,7 @@ def commands(ddump: list[str], files: list[str], out: Path) -> dict[str, list[st
         "ddump -w x.pcapng": [*ddump, "-q", *files, "-w", f"{out}/plain.pcapng"],
         "ddump -w x.pcapng -C 10": [*ddump, "-q", *files, "-w", f"{out}/c.pcapng", "-C", "10"],
         "ddump -w x.pcap.gz": [*ddump, "-q", *files, "-w", f"{out}/x.pcap.gz"],
+        "ddump -w x.pcap.zst": [*ddump, "-q", *files, "-w", f"{out}/x.pcap.zst"],
         "mergecap | gzip -1": [
             "sh",
             "-c",
@@ -49,6 +50,8 @@ def commands(ddump: list[str], files: list[str], out: Path) -> dict[str, list[st
 def check(out: Path) -> str:
     plain = (out / "plain.pcap").read_bytes()
     same_gz = gzip.decompress((out / "x.pcap.gz").read_bytes()) == plain
+    zstd = subprocess.run(["zstd", "-dc", str(out / "x.pcap.zst")], capture_output=True)
+    same_zst = zstd.stdout == plain
     (out / "m.pcap").write_bytes(gzip.decompress((out / "m.pcap.gz").read_bytes()))
     compare = [sys.executable, str(HERE / "compare_pcaps.py"), str(out / "plain.pcap")]
     compared = subprocess.run(
@@ -59,11 +62,12 @@ def check(out: Path) -> str:
     parts = sorted(numbered, key=lambda p: int(p.name[6:] or 0))
     body = b"".join(p.read_bytes()[24:] for p in parts)
     return (
-        f"x.pcap.gz = plain: {same_gz}; "
+        f"x.pcap.gz = plain: {same_gz}; x.pcap.zst = plain: {same_zst}; "
         f"mergecap|gzip = plain (ties in any order): {same_mergecap}; "
         f"{len(parts)} files of -C 10 = plain: {body == plain[24:]}; "
         f"gzip sizes: ddump {(out / 'x.pcap.gz').stat().st_size / 1e6:.1f} MB, "
         f"gzip -1 {(out / 'm.pcap.gz').stat().st_size / 1e6:.1f} MB, "
+        f"zstd {(out / 'x.pcap.zst').stat().st_size / 1e6:.1f} MB, "
         f"plain {len(plain) / 1e6:.1f} MB"
     )
 

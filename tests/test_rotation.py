@@ -8,7 +8,8 @@ import zlib
 
 import pytest
 
-from ddump.cli.compress import GzipStream, compression_of, without_compression
+from ddump.cli import compress
+from ddump.cli.compress import GzipStream, ZstdStream, compression_of, without_compression
 from ddump.cli.options import parse_args
 from ddump.cli.rotation import (
     Plan,
@@ -140,7 +141,7 @@ def test_what_is_not_a_size_is_refused(text: str) -> None:
         (["-w", "x.pcap", "-C", "1", "-z", "gzip -9"], "a program without arguments"),
         (["-w", "x.pcap", "-C", "0"], "must be more than zero"),
         (["-w", "x.pcap", "-G", "1.5"], "whole number"),
-        (["-w", "x.pcap.zst"], "ddump compresses only to gzip"),
+        (["-w", "x.pcap.xz"], "ddump compresses only to gzip (.gz) and zstd (.zst)"),
     ],
 )
 def test_bad_combinations_are_usage_errors_that_say_what_is_wrong(
@@ -163,6 +164,29 @@ def test_gz_names_are_recognized_in_any_case() -> None:
     assert compression_of("x.pcap.gz") == compression_of("X.PCAP.GZ") == "gzip"
     assert compression_of("x.pcap") is None
     assert without_compression("x.pcapng.Gz") == "x.pcapng"
+
+
+def test_a_zst_name_without_the_zstandard_module_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(compress.importlib.util, "find_spec", lambda name: None)
+
+    with pytest.raises(UsageError, match="writing zstd needs the zstandard module"):
+        parse_args(["in.pcap", "-w", "x.PCAP.ZST"])
+
+
+def test_zstd_frames_each_end_a_complete_file() -> None:
+    zstandard = pytest.importorskip("zstandard")
+    stream = ZstdStream()
+    first = stream.compress(b"a" * 1000) + stream.end_member()
+    both = first + stream.compress(b"b" * 1000) + stream.end_member()
+
+    def read(data: bytes) -> bytes:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        return bytes(reader.read())
+
+    assert read(first) == b"a" * 1000
+    assert read(both) == b"a" * 1000 + b"b" * 1000
 
 
 def test_gzip_members_each_end_a_complete_file() -> None:

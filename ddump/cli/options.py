@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ddump import __version__
-from ddump.cli.compress import without_compression
+from ddump.cli.compress import check_available, without_compression
 from ddump.cli.rotation import Rotation, check, parse_size
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
@@ -116,14 +116,14 @@ def _whole_seconds(text: str) -> int:
     return _positive_int(text) * 10**9
 
 
-_NOT_WRITTEN = (".zst", ".zstd", ".xz", ".bz2", ".lz4")  # read by tshark, but not written here
+_NOT_WRITTEN = (".zstd", ".xz", ".bz2", ".lz4")  # read by tshark, but not written here
 
 
 def _output_name(text: str) -> str:
     if text.lower().endswith(_NOT_WRITTEN):
         raise argparse.ArgumentTypeError(
-            f"{text}: ddump compresses only to gzip: name the file .gz (or use -z to compress "
-            "each finished file with any program)"
+            f"{text}: ddump compresses only to gzip (.gz) and zstd (.zst): name the file so, "
+            "or compress each finished file with -z"
         )
     return text
 
@@ -329,6 +329,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         ns.write, ns.file_size, ns.rotate_seconds, ns.file_count, _program(ns.postrotate)
     )
     check(rotation)
+    check_available(ns.write)
     plain_name = without_compression(ns.write).lower()
     return Options(
         urls=tuple(ns.urls),

@@ -1,4 +1,4 @@
-"""Output to rotated and compressed files (-C, -G, -W, -z, `-w x.pcap.gz`).
+"""Output to rotated and compressed files (-C, -G, -W, -z, `-w x.pcap.gz` or `.zst`).
 
 The session sees the same interface as PcapOutput's; behind it, a series of regular files,
 each a whole capture on its own: a pcap header, or a pcapng section with the blocks of every
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Final, NoReturn
 
 from ddump import __version__
-from ddump.cli.compress import GzipStream, compression_of
+from ddump.cli.compress import compression_of, stream_for
 from ddump.cli.output import OutputClosed
 from ddump.cli.report import Reporter
 from ddump.cli.rotation import Plan, Rotation, records_that_fit
@@ -40,10 +40,10 @@ _DATA: Final = operator.itemgetter(1)
 class SaveFile:
     """One file being written: what is on disk, and up to where it is a valid capture."""
 
-    def __init__(self, path: str, *, gzip: bool) -> None:
+    def __init__(self, path: str, *, compression: str | None) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        self.gzip = GzipStream() if gzip else None
+        self.gzip = stream_for(compression) if compression else None  # gzip or zstd
         self.size = 0  # capture bytes written (before compression): what -C counts
         self.records = 0
         self.started = False  # its pcap header or pcapng section header is written
@@ -95,7 +95,7 @@ class RotatingOutput:
         self.rotation = rotation
         self.reporter = reporter
         self.plan = Plan(rotation)
-        self.gzip = compression_of(rotation.template) == "gzip"
+        self.compression = compression_of(rotation.template)
         self.pcapng: PcapngWriter | None = None
         self.section_comment: str | None = None
         self.linktype: int | None = None
@@ -209,7 +209,7 @@ class RotatingOutput:
 
     def _open(self, path: str) -> None:
         try:
-            self._file = SaveFile(path, gzip=self.gzip)
+            self._file = SaveFile(path, compression=self.compression)
         except OSError as exc:
             self._fail(f"cannot write {path}: {exc.strerror}")
         self.files += 1
