@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_output_name,
         default="-",
         metavar="FILE",
-        help="write the pcap to FILE (- = stdout); a name ending in .gz is written as gzip, "
-        "readable up to the last second if ddump is killed (see -C/-G for rotated files)",
+        help="write the pcap to FILE (- = stdout); a name ending in .gz is written as gzip "
+        "(.zst: zstd, with the zstandard module), readable up to the last second if ddump is "
+        "killed (see -C/-G for rotated files)",
     )
     output.add_argument(
         "--format",
