@@ -3,7 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST  := $(VENV)/bin/pytest
 
-.PHONY: demo test lint bench deb deb-test
+.PHONY: demo test lint bench deb deb-test screenshot
 
 demo:
 	sh .ci/demo
@@ -26,3 +26,11 @@ deb:
 
 deb-test:
 	sh packaging/deb-test.sh
+
+# The README's picture of Wireshark capturing two hosts through ddump-extcap: the real GUI under
+# Xvfb, two workers in network namespaces (root; about 1 min).
+SCREENSHOT_PACKAGES := wireshark-qt xvfb x11-apps xdotool imagemagick
+screenshot:
+	@dpkg-query -W $(SCREENSHOT_PACKAGES) >/dev/null 2>&1 \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SCREENSHOT_PACKAGES) >/dev/null
+	$(PY) -m tests.wireshark_screenshot docs/wireshark-ddump.png

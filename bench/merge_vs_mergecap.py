@@ -43,12 +43,20 @@ class Case:
     packets: int  # per stream
     sizes: str
     what: str
+    shape: str = "interleaved"
 
 
 CASES = {
     "imix4": Case("imix4", 4, 250_000, "imix", "4 streams x 250,000 packets, IMIX 64/594/1500"),
     "small4": Case("small4", 4, 250_000, "64", "4 streams x 250,000 packets, 64 bytes"),
     "imix64": Case("imix64", 64, 15_625, "imix", "64 streams x 15,625 packets, IMIX"),
+    "rotated120": Case(
+        "rotated120", 120, 8_000, "64", "120 rotated files x 8,000, 64 bytes", "rotated"
+    ),
+    "uneven60": Case(
+        "uneven60", 60, 8_000, "64", "60 files, 1x to 60x rates, 480,000 in all", "uneven"
+    ),
+    "files1000": Case("files1000", 1000, 500, "imix", "1,000 files x 500, IMIX", "uneven"),
 }
 TIMEOUT_S = 300
 
@@ -132,7 +140,7 @@ def bench_case(
     """
     data = workdir / case.name
     make = [sys.executable, str(HERE / "make_pcaps.py"), str(data), "--streams", str(case.streams)]
-    make += ["--packets", str(case.packets), "--sizes", case.sizes]
+    make += ["--packets", str(case.packets), "--sizes", case.sizes, "--shape", case.shape]
     subprocess.run(make, check=True, timeout=TIMEOUT_S)
     os.sync()  # the files' write-back must not compete with the timed runs
     files = sorted(str(p) for p in data.glob("*.pcap"))

@@ -15,6 +15,9 @@
  *   from_records(records) -> batch  a batch holding the given tuples
  *   batch.data                      the records' bytes, back to back
  *   skip(buf, pos, big_endian) -> (count, pos)   count records, reading only caplens (worker)
+ *   scan_converting(buf, pos, big_endian, scale, limit) -> as scan, for BE or µs records
+ *   scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos)
+ *                                   pcapng packets, rewritten as records, and their interfaces
  *
  * Records are always the output encoding (little-endian, nanosecond record headers), as in
  * ddump/pcap.py.
@@ -690,6 +693,241 @@ done:
     return (PyObject *)merged;
 }
 
+static inline uint32_t
+read_u32(const char *p, int big)
+{
+    const unsigned char *u = (const unsigned char *)p;
+    if (big)
+        return (uint32_t)u[3] | (uint32_t)u[2] << 8 | (uint32_t)u[1] << 16 | (uint32_t)u[0] << 24;
+    return read_le32(p);
+}
+
+static inline void
+write_le32(char *p, uint32_t v)
+{
+    unsigned char *u = (unsigned char *)p;
+    u[0] = (unsigned char)v;
+    u[1] = (unsigned char)(v >> 8);
+    u[2] = (unsigned char)(v >> 16);
+    u[3] = (unsigned char)(v >> 24);
+}
+
+/* How the fast path reads one interface's packets: ts = units * mul + offset, caplen <= limit. */
+typedef struct {
+    int ok;  /* 0: the caller reads this interface's packets itself */
+    int64_t mul, offset;
+    uint32_t limit;
+} EpbClock;
+
+/* The block at p, if it is one the fast path takes: its interface and timestamp; else 0. */
+static inline int
+plain_epb(const char *p, Py_ssize_t room, int big, const EpbClock *clocks, Py_ssize_t m,
+          uint32_t *ifid, int64_t *ts)
+{
+    if (room < 28 || read_u32(p, big) != 6)
+        return 0;
+    *ifid = read_u32(p + 8, big);
+    if ((Py_ssize_t)*ifid >= m || !clocks[*ifid].ok)
+        return 0;
+    const EpbClock *c = &clocks[*ifid];
+    uint32_t total = read_u32(p + 4, big), caplen = read_u32(p + 20, big);
+    if (caplen > c->limit || (Py_ssize_t)total > room || (total & 3)
+        || (uint64_t)caplen + 32 > total || read_u32(p + total - 4, big) != total)
+        return 0;
+    uint64_t units = (uint64_t)read_u32(p + 12, big) << 32 | read_u32(p + 16, big);
+    int64_t scaled;
+    if (units > (uint64_t)INT64_MAX || __builtin_mul_overflow((int64_t)units, c->mul, &scaled)
+        || __builtin_add_overflow(scaled, c->offset, ts) || *ts < 0)
+        return 0;
+    return 1;
+}
+
+/* scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos): the pcapng Enhanced
+ * Packet Blocks that follow each other from pos, rewritten as records (ddump/pcapng_read.py)
+ * into one new bytes object. interfaces[i] is (mul, offset, limit) for interface i (ts = units
+ * * mul + offset; caplen <= limit), or None. runs is [ifid, count, ifid, count, ...]: the
+ * batch's records by interface, in order. It stops, without an error, before the first block
+ * that is anything else or anything unusual (another block type, an interface that is None or
+ * unknown, caplen > limit, a length that is wrong or runs past the buffer, a timestamp outside
+ * 0 .. 2^63-1 ns): the caller parses that block in full and reports it. */
+static PyObject *
+records_scan_epbs(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *buf, *interfaces;
+    Py_ssize_t pos;
+    int big;
+    if (!PyArg_ParseTuple(args, "O!npO!", &PyBytes_Type, &buf, &pos, &big, &PyList_Type,
+                          &interfaces))
+        return NULL;
+    const char *base = PyBytes_AS_STRING(buf);
+    Py_ssize_t end = PyBytes_GET_SIZE(buf);
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    Py_ssize_t m = PyList_GET_SIZE(interfaces);
+    EpbClock *clocks = PyMem_Calloc((size_t)(m > 0 ? m : 1), sizeof(EpbClock));
+    if (clocks == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL, *runs = NULL;
+    Batch *batch = NULL;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        PyObject *item = PyList_GET_ITEM(interfaces, i);
+        long long mul, offset;
+        unsigned int limit;
+        if (item == Py_None)
+            continue;
+        if (!PyArg_ParseTuple(item, "LLI", &mul, &offset, &limit))
+            goto done;
+        clocks[i] = (EpbClock){mul >= 0, mul, offset, limit};
+    }
+    /* Two passes: the first finds how many blocks qualify, how many bytes their records take
+     * and how many runs they make; the second writes them. */
+    Py_ssize_t n = 0, size = 0, nruns = 0, stop = pos;
+    uint32_t ifid, run_id = 0;
+    int64_t ts;
+    while (plain_epb(base + stop, end - stop, big, clocks, m, &ifid, &ts)) {
+        if (n == 0 || ifid != run_id)
+            nruns++;
+        run_id = ifid;
+        size += RECORD_HEADER_LEN + (Py_ssize_t)read_u32(base + stop + 20, big);
+        stop += (Py_ssize_t)read_u32(base + stop + 4, big);
+        n++;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL)
+        goto done;
+    PyObject *owners = PyTuple_Pack(1, data);
+    Py_DECREF(data);
+    if (owners == NULL)
+        goto done;
+    batch = batch_new(n, owners);
+    Py_DECREF(owners);
+    runs = PyList_New(2 * nruns);
+    if (batch == NULL || runs == NULL)
+        goto done;
+    char *out = PyBytes_AS_STRING(data);
+    int64_t prev = INT64_MIN;
+    int sorted = 1;
+    Py_ssize_t run = -1, count = 0;
+    for (Py_ssize_t i = 0, at = pos; i < n; i++) {
+        const char *p = base + at;
+        plain_epb(p, end - at, big, clocks, m, &ifid, &ts);
+        if (run < 0 || ifid != run_id) {
+            if (run >= 0)
+                PyList_SET_ITEM(runs, 2 * run + 1, PyLong_FromSsize_t(count));
+            run++;
+            PyList_SET_ITEM(runs, 2 * run, PyLong_FromUnsignedLong(ifid));
+            run_id = ifid;
+            count = 0;
+        }
+        count++;
+        uint32_t caplen = read_u32(p + 20, big);
+        write_le32(out, (uint32_t)(ts / 1000000000));  /* the 32-bit seconds wrap in 2106 */
+        write_le32(out + 4, (uint32_t)(ts % 1000000000));
+        write_le32(out + 8, caplen);
+        write_le32(out + 12, read_u32(p + 24, big));
+        memcpy(out + RECORD_HEADER_LEN, p + 28, caplen);
+        if (ts < prev)
+            sorted = 0;
+        prev = ts;
+        batch->ptr[i] = out;
+        batch->ts[i] = ts;
+        out += RECORD_HEADER_LEN + caplen;
+        at += (Py_ssize_t)read_u32(p + 4, big);
+    }
+    if (run >= 0)
+        PyList_SET_ITEM(runs, 2 * run + 1, PyLong_FromSsize_t(count));
+    batch->n = n;
+    batch->sorted = sorted;
+    for (Py_ssize_t i = 0; i < 2 * nruns; i++) {
+        if (PyList_GET_ITEM(runs, i) == NULL)  /* an int that could not be made */
+            goto done;
+    }
+    result = Py_BuildValue("(OOn)", (PyObject *)batch, runs, stop);
+done:
+    PyMem_Free(clocks);
+    Py_XDECREF(batch);
+    Py_XDECREF(runs);
+    return result;
+}
+
+/* scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen): what
+ * scan() does for the pcaps it cannot take as they are, big-endian or microsecond ones
+ * (ts_frac * scale is nanoseconds; a fraction of a second or more carries into the seconds, as
+ * in pcap.py). The whole records are copied at once into a new bytes object, whose record
+ * headers are then rewritten in place. */
+static PyObject *
+records_scan_converting(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *buf;
+    Py_ssize_t pos;
+    int big;
+    unsigned int scale;
+    long long limit;
+    if (!PyArg_ParseTuple(args, "O!npIL", &PyBytes_Type, &buf, &pos, &big, &scale, &limit))
+        return NULL;
+    const char *base = PyBytes_AS_STRING(buf);
+    Py_ssize_t end = PyBytes_GET_SIZE(buf);
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        return NULL;
+    }
+    Py_ssize_t n = 0, stop = pos, need = RECORD_HEADER_LEN;
+    long long bad = 0;
+    while (end - stop >= RECORD_HEADER_LEN) {
+        uint32_t caplen = read_u32(base + stop + 8, big);
+        if ((long long)caplen > limit) {
+            bad = caplen;
+            break;
+        }
+        Py_ssize_t len = RECORD_HEADER_LEN + (Py_ssize_t)caplen;
+        if (len > end - stop) {
+            need = len;
+            break;
+        }
+        stop += len;
+        n++;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(base + pos, stop - pos);
+    if (data == NULL)
+        return NULL;
+    PyObject *owners = PyTuple_Pack(1, data);
+    Py_DECREF(data);
+    if (owners == NULL)
+        return NULL;
+    Batch *batch = batch_new(n, owners);
+    Py_DECREF(owners);
+    if (batch == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(data);  /* ours alone until the batch is returned */
+    int64_t prev = INT64_MIN;
+    int sorted = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t sec = read_u32(out, big);
+        uint64_t nsec = (uint64_t)read_u32(out + 4, big) * scale;
+        sec += nsec / 1000000000;
+        nsec %= 1000000000;
+        uint32_t caplen = read_u32(out + 8, big);
+        write_le32(out, (uint32_t)sec);
+        write_le32(out + 4, (uint32_t)nsec);
+        write_le32(out + 8, caplen);
+        write_le32(out + 12, read_u32(out + 12, big));
+        int64_t ts = (int64_t)(sec * 1000000000 + nsec);
+        if (ts < prev)
+            sorted = 0;
+        prev = ts;
+        batch->ptr[i] = out;
+        batch->ts[i] = ts;
+        out += RECORD_HEADER_LEN + caplen;
+    }
+    batch->n = n;
+    batch->sorted = sorted;
+    return Py_BuildValue("(Nnnl)", (PyObject *)batch, stop, need, (long)bad);
+}
+
 static PyMethodDef records_methods[] = {
     {"scan", records_scan, METH_VARARGS,
      "scan(buf, pos, limit) -> (batch, pos, need, bad_caplen): whole LE-nano records."},
@@ -699,6 +937,10 @@ static PyMethodDef records_methods[] = {
      "skip(buf, pos, big_endian) -> (records, pos): steps over whole records, reading caplens."},
     {"concat", records_concat, METH_O,
      "concat(batches) -> one batch of all their records, in order (no bytes are copied)."},
+    {"scan_converting", records_scan_converting, METH_VARARGS,
+     "scan_converting(buf, pos, big_endian, scale, limit) -> (batch, pos, need, bad_caplen)."},
+    {"scan_epbs", records_scan_epbs, METH_VARARGS,
+     "scan_epbs(buf, pos, big_endian, interfaces) -> (batch, runs, pos): pcapng EPBs."},
     {"from_records", records_from_records, METH_O,
      "from_records(records) -> batch of the given (timestamp, bytes) records."},
     {NULL, NULL, 0, NULL},

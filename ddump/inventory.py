@@ -69,22 +69,33 @@ _Settings = dict[str, _Setting]
 
 
 def load_inventory(
-    path: str, groups: Sequence[str] = (), *, environ: Mapping[str, str] = os.environ
+    path: str,
+    groups: Sequence[str] = (),
+    *,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, object] | None = None,
 ) -> list[Target]:
-    """Read an inventory; return all its targets, or only those of `groups` when given."""
+    """Read an inventory; return all its targets, or only those of `groups` when given.
+
+    `overrides` ("filter", "snaplen", "batch": what the command line says) win over the
+    inventory's defaults, and lose to a target's own keys (or its URL's parameters).
+    """
     try:
         with open(path, "rb") as file:
             data = file.read()
     except OSError as error:
         raise UsageError(f"{path}: cannot read the inventory: {error.strerror}") from None
-    return _Inventory(path, environ).load(data, groups)
+    return _Inventory(path, environ, overrides or {}).load(data, groups)
 
 
 class _Inventory:
-    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: str, environ: Mapping[str, str], overrides: Mapping[str, object]
+    ) -> None:
         self.path = path
         self.directory = os.path.dirname(os.path.abspath(path))
         self.environ = environ
+        self.overrides = overrides
         self.constructor = yaml.constructor.SafeConstructor()
         self.entries_seen: dict[int, list[tuple[str, yaml.Node, yaml.Node]]] = {}
 
@@ -250,7 +261,9 @@ class _Inventory:
             endpoint = self.host_endpoint(own, defaults)
         else:
             raise self.error(node, "a target needs 'host' or 'url'")
-        merged = {**defaults, **own}
+        # What the user typed now beats what the inventory says for every target.
+        typed = {name: _Setting(value, node) for name, value in self.overrides.items()}
+        merged = {**defaults, **typed, **own}
         endpoint = self.with_snaplen(endpoint, merged.get("snaplen"))
         endpoint = with_param(endpoint, BATCH_PARAM, _flag_text(merged.get(BATCH_PARAM)))
         username = endpoint.username
@@ -325,7 +338,7 @@ class _Inventory:
         merged = {**defaults, **own}
         return Endpoint(
             scheme=self.checked(merged, "scheme", validate_scheme, "http"),
-            host=self.checked(own, "host", validate_host, ""),
+            host=self.checked(own, "host", _host_without_port, ""),
             port=self.checked(merged, "port", validate_port, DEFAULT_PORT),
             path=self.checked(merged, "path", validate_path, DEFAULT_PATH),
         )
@@ -380,6 +393,16 @@ class _Inventory:
         """The setting, already type-checked by settings(), validated; or the default."""
         setting = settings.get(name)
         return default if setting is None else self.check(setting.node, check, setting.value)
+
+
+def _host_without_port(text: str) -> str:
+    """A `host:` value: a name or an address (IPv6 bare or in brackets), never with a port."""
+    if text.count(":") == 1 or text.startswith("["):
+        host, port = split_host_port(text)
+        if port is not None:
+            raise UsageError(f"host {text!r} holds a port: write it as 'port: {port}'")
+        return host
+    return validate_host(text)
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -8,6 +8,10 @@ minus the allowed delay. Everything at or below the minimum mark of the live str
 written. Work is done per batch, not per record (ddump/records.py): a pushed batch is put in
 order (if it is not already) and kept whole, released prefixes are cut with one bisect, and the
 released runs of all streams are merged in one call, which keeps ties in stream order.
+
+Nothing per call walks every stream: heaps keep the streams by their oldest buffered record
+(what a release must visit) and the untimed ones by their newest (what bounds the mark).
+Measured merging 1,000 files: walking every stream for each block read took 90 % of the time.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 from itertools import islice
+from operator import itemgetter
 
 from ddump import records as batches
 from ddump.records import Records
 
 FOREVER = 2**63
+_STREAM = itemgetter(0)
 
 
 @dataclass
@@ -30,6 +36,7 @@ class StreamState:
     live: bool = True
     started: bool = False  # its first connection attempt has answered (or failed)
     timed: bool = True  # live: the clock bounds what it can still send; a file has no clock
+    pulled: bool = False  # a regular file, read when the merge needs it: never held past a cap
     clock_offset_ns: int = 0  # worker clock minus ours
     delay_ns: int = 0  # how much later than others its packets may come (batch captures)
     newest_ns: int = -1  # newest timestamp pushed
@@ -37,27 +44,70 @@ class StreamState:
     late: int = 0
 
 
+class _Newest:
+    """The least `newest_ns` of a set of live streams, kept in a heap with lazy deletion: an
+    entry is stale once its stream has ended or moved on (newest_ns only grows)."""
+
+    def __init__(self, streams: list[StreamState]) -> None:
+        self._streams = streams
+        self._heap: list[tuple[int, int]] = []
+
+    def update(self, stream: int) -> None:
+        heapq.heappush(self._heap, (self._streams[stream].newest_ns, stream))
+
+    def least(self) -> int | None:
+        heap, streams = self._heap, self._streams
+        while heap:
+            newest, stream = heap[0]
+            state = streams[stream]
+            if state.live and state.newest_ns == newest:
+                return newest
+            heapq.heappop(heap)
+        return None
+
+
 class Merger:
     """Buffers records of many streams and releases them in timestamp order."""
 
     def __init__(self) -> None:
         self.streams: list[StreamState] = []
+        self._timed: list[StreamState] = []
+        self._untimed = _Newest(self.streams)  # bounds the mark by their newest records
+        self._pulled = _Newest(self.streams)
+        self._unstarted = 0  # live streams not started: nothing is released meanwhile
+        # (oldest buffered timestamp, stream) of every stream with records buffered; an entry
+        # whose key is no longer the stream's `_head` is stale.
+        self._heads: list[tuple[int, int]] = []
+        self._head: list[int | None] = []
         self._pending: list[list[Records]] = []  # per stream: sorted batches, in order
         self._unsorted: list[bool] = []
         self.written_ns = -1  # timestamp of the newest record released
         self._settled = -1  # no buffered record is at or below this: a release up to it is void
         self.buffered = 0
 
-    def add_stream(self, name: str, *, timed: bool = True, delay_ns: int = 0) -> int:
+    def add_stream(
+        self, name: str, *, timed: bool = True, delay_ns: int = 0, pulled: bool = False
+    ) -> int:
         """Register a stream; its index orders ties between streams.
 
         An untimed stream (a file) holds the others back until it has sent a later record. A
-        timed stream with a delay may deliver a packet that much later than the others do.
+        timed stream with a delay may deliver a packet that much later than the others do. A
+        pulled stream is one the caller reads when the merge needs it (see pulled_mark).
         """
-        self.streams.append(StreamState(name, started=not timed, timed=timed, delay_ns=delay_ns))
+        state = StreamState(name, started=not timed, timed=timed, delay_ns=delay_ns, pulled=pulled)
+        self.streams.append(state)
         self._pending.append([])
         self._unsorted.append(False)
-        return len(self.streams) - 1
+        self._head.append(None)
+        index = len(self.streams) - 1
+        if timed:
+            self._timed.append(state)
+            self._unstarted += 1
+        else:
+            self._untimed.update(index)
+            if pulled:
+                self._pulled.update(index)
+        return index
 
     def start_stream(self, stream: int, clock_offset_ns: int = 0) -> None:
         """The stream's capture has started (or its first attempt failed).
@@ -66,12 +116,17 @@ class Merger:
         from any time, and we do not know its clock yet. The connect timeout bounds this wait.
         """
         state = self.streams[stream]
+        if state.live and not state.started:
+            self._unstarted -= 1
         state.started = True
         state.clock_offset_ns = clock_offset_ns
 
     def end_stream(self, stream: int) -> None:
         """The stream will send nothing more: it no longer holds the others back."""
-        self.streams[stream].live = False
+        state = self.streams[stream]
+        if state.live and not state.started:
+            self._unstarted -= 1
+        state.live = False
 
     def push(self, stream: int, records: Records) -> Records:
         """Buffer a batch; return its records that are already late, to be written at once.
@@ -98,24 +153,42 @@ class Merger:
             pending.append(records)
             self._settled = min(self._settled, first - 1)
             self.buffered += len(records)
-            state.newest_ns = max(state.newest_ns, batches.last_ts(records))
+            head = self._head[stream]
+            if head is None or first < head:
+                self._head[stream] = first
+                heapq.heappush(self._heads, (first, stream))
+            newest = batches.last_ts(records)
+            if newest > state.newest_ns:
+                state.newest_ns = newest
+                if not state.timed:
+                    self._untimed.update(stream)
+                    if state.pulled:
+                        self._pulled.update(stream)
         return late
 
     def watermark(self, now_ns: int, max_delay_ns: int) -> int:
         """The newest timestamp that every live stream has moved past (FOREVER if none is live)."""
-        mark = FOREVER
+        if self._unstarted:
+            return -1
+        # A stream may still send more records at its newest timestamp (ties are common with
+        # microsecond inputs): only what is older than that is settled.
+        least = self._untimed.least()
+        mark = FOREVER if least is None else least - 1
         idle_mark = now_ns - max_delay_ns
-        for state in self.streams:
-            if state.live and not state.started:
-                return -1
-            # A stream may still send more records at its newest timestamp (ties are common
-            # with microsecond inputs): only what is older than that is settled.
-            if state.live and not state.timed:
-                mark = min(mark, state.newest_ns - 1)
-            elif state.live:
+        for state in self._timed:
+            if state.live:
                 idle = idle_mark - state.delay_ns + state.clock_offset_ns
                 mark = min(mark, max(state.newest_ns - 1, idle))
         return mark
+
+    def pulled_mark(self) -> int:
+        """What a release may reach without making a pulled stream's next record late.
+
+        A pulled stream (a regular file, in time order) sends nothing older than its newest
+        record: releasing past that would turn its next records into late ones.
+        """
+        least = self._pulled.least()
+        return FOREVER if least is None else least - 1
 
     def oldest_mark(self, count: int) -> int:
         """The timestamp up to which `count` of the buffered records lie (the oldest ones)."""
@@ -141,27 +214,44 @@ class Merger:
             # mark, and returning here at once took the merge from 0.386 to 0.36 s.
             return []
         self._settled = watermark
-        runs: list[list[Records]] = []
-        for pending in self._sorted():
-            if not pending or batches.first_ts(pending[0]) > watermark:
-                continue
-            whole = 0
-            while whole < len(pending) and batches.last_ts(pending[whole]) <= watermark:
-                whole += 1
-            run = pending[:whole]
-            if whole < len(pending):
-                batch = pending[whole]
-                cut = batches.count_upto(batch, watermark)
-                if cut:
-                    run.append(batch[:cut])
-                    pending[whole] = batch[cut:]
-            del pending[:whole]
-            runs.append(run)
-        out = batches.merge(runs)
+        heads, head = self._heads, self._head
+        runs: list[tuple[int, list[Records]]] = []
+        while heads and heads[0][0] <= watermark:
+            first, stream = heapq.heappop(heads)
+            if head[stream] != first:
+                continue  # stale: the stream's records were released, or an older one came
+            head[stream] = None  # a second entry with the same key is stale too
+            runs.append((stream, self._cut(stream, watermark)))
+        for stream, _ in runs:
+            pending = self._pending[stream]
+            if pending:
+                head[stream] = rest = batches.first_ts(pending[0])
+                heapq.heappush(heads, (rest, stream))
+        runs.sort(key=_STREAM)  # ties in stream order
+        out = batches.merge([run for _, run in runs])
         if out:
             self.buffered -= len(out)
             self.written_ns = max(self.written_ns, batches.last_ts(out))
         return out
+
+    def _cut(self, stream: int, watermark: int) -> list[Records]:
+        """Take the stream's buffered records at or below `watermark`, in order."""
+        pending = self._pending[stream]
+        if self._unsorted[stream]:
+            pending[:] = [batches.ordered(batches.concat(pending))]
+            self._unsorted[stream] = False
+        whole = 0
+        while whole < len(pending) and batches.last_ts(pending[whole]) <= watermark:
+            whole += 1
+        run = pending[:whole]
+        if whole < len(pending):
+            batch = pending[whole]
+            cut = batches.count_upto(batch, watermark)
+            if cut:
+                run.append(batch[:cut])
+                pending[whole] = batch[cut:]
+        del pending[:whole]
+        return run
 
     def drain(self) -> Records:
         """Everything still buffered, in order (at the end of the capture)."""

@@ -129,7 +129,9 @@ class PcapStreamParser:
         self._chunks: list[bytes] = []
         self._pending = 0
         self._need = GLOBAL_HEADER_LEN
-        self._limit = DEFAULT_SNAPLEN
+        self._limit = DEFAULT_SNAPLEN  # a longer caplen: not pcap, or corrupt
+        self._keep = DEFAULT_SNAPLEN  # a longer caplen (up to _limit): truncated to this
+        self.truncated = 0  # records longer than _keep, truncated
         self._fast = True
         self._rec: struct.Struct = _REC_LE
         self._scale = 1
@@ -188,20 +190,52 @@ class PcapStreamParser:
 
     def _parse(self, buf: bytes, pos: int, before: list[Records]) -> tuple[Records, int]:
         """Parse the whole records of buf from pos; `before`: what this feed parsed already."""
-        if self._fast:
-            done, pos, self._need, bad = batches.scan(buf, pos, self._limit)
-        else:
-            converted, pos, bad = self._parse_converting(buf, pos)
-            done = batches.pack(converted)
-        self.records += len(done)
-        if bad:
-            raise PcapFormatError(
-                f"record {self.records + 1}: caplen {bad} is larger than "
-                f"{self._limit} (the stream's snaplen or {DEFAULT_SNAPLEN}, whichever is "
-                "larger): the stream is corrupt or not pcap",
-                records=list(batches.concat([*before, done])),
-            )
-        return done, pos
+        parts: list[Records] = []
+        while True:
+            scanned = None
+            if not self._fast:
+                big_endian = self._rec is _REC_BE
+                scanned = batches.scan_converting(buf, pos, big_endian, self._scale, self._keep)
+            if self._fast:
+                done, pos, self._need, bad = batches.scan(buf, pos, self._keep)
+            elif scanned is not None:
+                done, pos, self._need, bad = scanned
+            else:
+                converted, pos, bad = self._parse_converting(buf, pos)
+                done = batches.pack(converted)
+            parts.append(done)
+            self.records += len(done)
+            if not bad:
+                break
+            if bad > self._limit:
+                raise PcapFormatError(
+                    f"record {self.records + 1}: caplen {bad} is larger than "
+                    f"{self._limit} (the stream's snaplen or {DEFAULT_SNAPLEN}, whichever is "
+                    "larger): the stream is corrupt or not pcap",
+                    records=list(batches.concat([*before, *parts])),
+                )
+            end = pos + RECORD_HEADER_LEN + bad
+            if end > len(buf):  # the long record is not all here yet
+                self._need = RECORD_HEADER_LEN + bad
+                break
+            parts.append(self._truncated(buf, pos))
+            self.records += 1
+            self.truncated += 1
+            pos = end
+        return batches.concat(parts), pos
+
+    def _truncated(self, buf: bytes, pos: int) -> Records:
+        # What libpcap does reading such a record: keep the first `_keep` bytes, and the
+        # original length, so that every reader takes the output (tcpdump refuses a caplen
+        # over 262144, and over the snaplen of a pcapng interface).
+        sec, frac, caplen, origlen = self._rec.unpack_from(buf, pos)
+        nsec = frac * self._scale
+        sec, nsec = sec + nsec // 1_000_000_000, nsec % 1_000_000_000
+        start = pos + RECORD_HEADER_LEN
+        header = _REC_LE.pack(sec & 0xFFFFFFFF, nsec, self._keep, max(origlen, caplen))
+        return batches.pack(
+            [(sec * 1_000_000_000 + nsec, header + buf[start : start + self._keep])]
+        )
 
     def close(self) -> None:
         """Raise PcapFormatError if the stream ended inside the global header or a record."""
@@ -224,6 +258,7 @@ class PcapStreamParser:
     def _start(self, header: PcapHeader) -> None:
         self.header = header
         self._limit = max(header.snaplen, DEFAULT_SNAPLEN)
+        self._keep = min(header.snaplen or DEFAULT_SNAPLEN, DEFAULT_SNAPLEN)
         self._fast = header.nano and not header.big_endian
         self._rec = _REC_BE if header.big_endian else _REC_LE
         self._scale = 1 if header.nano else 1000
@@ -237,7 +272,7 @@ class PcapStreamParser:
         unpack = self._rec.unpack_from
         pack = _REC_LE.pack
         scale = self._scale
-        limit = self._limit
+        limit = self._keep
         end = len(buf)
         last = end - 16
         last_sec = -1

@@ -25,6 +25,7 @@ from typing import Final
 from urllib.parse import unquote
 
 from ddump.pcap import LINKTYPE_LINUX_SLL2, Record
+from ddump.pcapng_read import InputInterface
 
 BLOCK_SHB: Final = 0x0A0D0D0A
 BLOCK_IDB: Final = 0x00000001
@@ -150,6 +151,7 @@ class _Target:
     start_ns: int | None
     ids: dict[bytes, int] = field(default_factory=dict)  # raw SLL2 ifindex bytes -> id
     whole_id: int | None = None  # the block for records without an interface index
+    inputs: dict[InputInterface, int] = field(default_factory=dict)  # a pcapng input's IDBs
 
 
 _Layout = tuple[Callable[..., bytes], int]  # (pack an EPB from a record of this size, total)
@@ -221,6 +223,40 @@ class PcapngWriter:
             append((ts, pack(BLOCK_EPB, total, interface, ts >> 32, ts & _LOW32, rec[8:], total)))
         return out
 
+    def encode_input(
+        self, target: int, iface: InputInterface, records: Sequence[Record]
+    ) -> list[Record]:
+        """Records of one interface of a pcapng input (a file target) as EPBs of its own IDB.
+
+        The IDB is named `<target name>:<if_name or #id>` and keeps the input's link type and
+        snaplen (unless the writer forces one); interfaces of several sections that look the
+        same share one.
+        """
+        state = self._targets[target]
+        interface = state.inputs.get(iface)
+        if interface is None:
+            interface = self._input_interface(state, iface)
+        self.packets[interface] += len(records)
+        get = self._layouts.get
+        out: list[Record] = []
+        append = out.append
+        for ts, rec in records:
+            pack, total = get(len(rec)) or self._layout(len(rec))
+            append((ts, pack(BLOCK_EPB, total, interface, ts >> 32, ts & _LOW32, rec[8:], total)))
+        return out
+
+    def _input_interface(self, state: _Target, iface: InputInterface) -> int:
+        label = iface.name if iface.name is not None else f"#{iface.id}"
+        snaplen = iface.snaplen if self.snaplen is None else self.snaplen
+        # The description says where the packets came from (the file), as for every target;
+        # the input's own if_description is not kept.
+        interface = self._add(
+            state.index,
+            Interface(f"{state.name}:{label}", state.description, iface.linktype, snaplen),
+        )
+        state.inputs[iface] = interface
+        return interface
+
     def _encode_sll2(self, state: _Target, records: Sequence[Record]) -> list[Record]:
         # The hot loop, as in pcap.py: one dict lookup for the interface (keyed by the raw
         # ifindex bytes: no unpacking) and one precompiled Struct per record size that packs
@@ -269,14 +305,18 @@ class PcapngWriter:
             name = f"{state.name}:#{ifindex}"
         snaplen = state.snaplen if self.snaplen is None else self.snaplen
         interface = Interface(name, state.description, state.linktype, snaplen, state.filter)
-        key = (state.index, interface)
+        return self._add(state.index, interface)
+
+    def _add(self, target: int, interface: Interface) -> int:
+        """The id of the target's `interface`: a new one (its IDB queued) if never seen."""
+        key = (target, interface)
         known = self._by_key.get(key)
         if known is not None:
             return known
         number = len(self.interfaces)
         self.interfaces.append(interface)
         self.packets.append(0)
-        self._interface_target.append(state.index)
+        self._interface_target.append(target)
         self._by_key[key] = number
         self._queued.append(interface.to_bytes())
         return number

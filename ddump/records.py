@@ -100,6 +100,30 @@ def skip(buf: bytes, pos: int, big_endian: bool) -> tuple[int, int]:
     return count, pos
 
 
+def scan_converting(
+    buf: bytes, pos: int, big_endian: bool, scale: int, limit: int
+) -> tuple[Records, int, int, int] | None:
+    """What `scan` does, for big-endian or microsecond (`scale` 1000) records, rewritten.
+
+    None where the C part is not built: the caller converts them itself (ddump/pcap.py).
+    """
+    if _c is None:
+        return None
+    return _c.scan_converting(buf, pos, big_endian, scale, limit)
+
+
+def scan_epbs(
+    buf: bytes, pos: int, big_endian: bool, interfaces: list[tuple[int, int, int] | None]
+) -> tuple[Records, list[int], int] | None:
+    """pcapng packets from `pos`, as records: (batch, [ifid, count, ...], pos); see _records.c.
+
+    None where the C part is not built: the caller parses them itself (ddump/pcapng_read.py).
+    """
+    if _c is None:
+        return None
+    return _c.scan_epbs(buf, pos, big_endian, interfaces)
+
+
 def pack(records: list[Record]) -> Records:
     """The fastest form of a list of pcap records (not pcapng blocks): a Batch where built."""
     if _c is None or not records:

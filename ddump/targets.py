@@ -242,9 +242,11 @@ def validate_port(port: int) -> int:
 
 
 def validate_path(path: str) -> str:
-    """An empty path or "/" means the worker's /capture (users often add a trailing slash)."""
-    if path in ("", "/"):
+    """An empty path or "/" means the worker's /capture; a trailing slash is dropped
+    ("/capture/" is "/capture"), as users often add one and the worker's routes have none."""
+    if path.rstrip("/") == "":
         return DEFAULT_PATH
+    path = path.rstrip("/") if path.startswith("/") else path
     if not path.startswith("/"):
         raise UsageError(f"path {path!r} must start with '/'")
     if "?" in path or "#" in path:

@@ -91,10 +91,19 @@ installed_by_us=1
         && timeout 300 apt-get install -y -q "./$(basename "$deb")") >"$work/apt.log" 2>&1; } \
     || { cat "$work/apt.log" >&2; die "apt-get install failed"; }
 
-for f in /usr/bin/ddump /usr/bin/ddump-worker "$UNIT" "$DEFAULTS" \
-    /usr/share/man/man1/ddump.1.gz /usr/share/man/man1/ddump-worker.1.gz; do
+extcap=/usr/lib/$(dpkg-architecture -qDEB_HOST_MULTIARCH)/wireshark/extcap/ddump
+for f in /usr/bin/ddump /usr/bin/ddump-worker /usr/bin/ddump-extcap "$extcap" "$UNIT" "$DEFAULTS" \
+    /usr/share/man/man1/ddump.1.gz /usr/share/man/man1/ddump-worker.1.gz \
+    /usr/share/man/man1/ddump-extcap.1.gz; do
     [ -e "$f" ] || die "the package did not install $f"
 done
+# Wireshark runs what is in its extcap folder: the installed extcap must answer it.
+(cd / && env -i PATH="$PATH" "$extcap" --extcap-interfaces) | grep -q '^interface {value=ddump}' \
+    || die "$extcap --extcap-interfaces does not name the ddump interface"
+if command -v tshark >/dev/null; then
+    (cd / && env -i PATH="$PATH" HOME="$work" tshark -D 2>/dev/null) | grep -q ' ddump (' \
+        || die "tshark -D does not list the installed ddump extcap"
+fi
 dpkg-query -W -f='${Conffiles}\n' ddump | grep -q " $DEFAULTS " || die "$DEFAULTS is not a conffile"
 head -n 1 /usr/bin/ddump-worker | grep -qx '#! */usr/bin/python3' \
     || die "/usr/bin/ddump-worker does not run on /usr/bin/python3: $(head -n 1 /usr/bin/ddump-worker)"
@@ -141,7 +150,9 @@ worker_timeout=$!  # the `timeout` wrapper; its only child becomes the worker
 
 ok=0
 for _ in $(seq 50); do
-    if curl -fsS --max-time 2 "http://127.0.0.1:$port/health" >"$work/health.json" 2>/dev/null; then
+    # Any answer ends the wait: a 503 (the sandbox keeps tcpdump from capturing) says why.
+    code=$(curl -sS --max-time 2 -o "$work/health.json" -w '%{http_code}' "http://127.0.0.1:$port/health" 2>/dev/null) || true
+    if [ "$code" = 200 ] || [ "$code" = 503 ]; then
         ok=1
         break
     fi
@@ -149,7 +160,7 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 [ "$ok" = 1 ] || die "no answer on http://127.0.0.1:$port/health within 10 s"
-python3 -c 'import json, sys; h = json.load(open(sys.argv[1])); assert h["status"] == "ok", h; print("deb-test: health:", h, file=sys.stderr)' \
+python3 -c 'import json, sys; h = json.load(open(sys.argv[1])); assert h["status"] == "ok", h; assert h["exposed"] is False, h; print("deb-test: health:", h, file=sys.stderr)' \
     "$work/health.json" || die "bad /health answer: $(cat "$work/health.json")"
 # A bad filter gets tcpdump's message alone: nothing the sandbox made tcpdump say on the way.
 code=$(curl -sS --max-time 10 -o "$work/bad.txt" -w '%{http_code}' "http://127.0.0.1:$port/capture?filter=tcp+port+99999")
@@ -229,11 +240,13 @@ say "purging"
 timeout 120 dpkg --purge ddump >"$work/purge.log" 2>&1 || { cat "$work/purge.log" >&2; die "dpkg --purge ddump"; }
 installed_by_us=0
 left=()
-for f in /usr/bin/ddump /usr/bin/ddump-worker /lib/systemd/system/ddump-worker.service \
+for f in /usr/bin/ddump /usr/bin/ddump-worker /usr/bin/ddump-extcap "$extcap" \
+    /lib/systemd/system/ddump-worker.service \
     /usr/lib/systemd/system/ddump-worker.service /etc/default/ddump-worker \
     /etc/systemd/system/multi-user.target.wants/ddump-worker.service \
     /usr/lib/python3/dist-packages/ddump /usr/share/doc/ddump \
-    /usr/share/man/man1/ddump.1.gz /usr/share/man/man1/ddump-worker.1.gz; do
+    /usr/share/man/man1/ddump.1.gz /usr/share/man/man1/ddump-worker.1.gz \
+    /usr/share/man/man1/ddump-extcap.1.gz; do
     if [ -e "$f" ] || [ -L "$f" ]; then left+=("$f"); fi
 done
 # deb-systemd-helper's record of the enablement (postinst made it, even without systemd running).

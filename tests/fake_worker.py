@@ -48,10 +48,13 @@ class Script:
     """What the server answers on one path."""
 
     status: int = 200
-    body: list[bytes | float] = field(default_factory=list)  # float: pause, in seconds
+    # float: pause, in seconds; Event: wait until the test sets it
+    body: list[bytes | float | threading.Event] = field(default_factory=list)
     end: str = "finish"  # finish | abort (cut the connection) | hang (until the client leaves)
     headers: dict[str, str] = field(default_factory=dict)
     clock_ns: int | None = None  # X-Ddump-Clock; None: now
+    clock: bool = True  # False: no X-Ddump-Clock at all (another server, an older worker)
+    answer_after_s: float = 0.0  # before the status line, as a worker starting tcpdump
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -74,11 +77,13 @@ class _Handler(tornado.web.RequestHandler):
             self.set_status(404)
             self.finish("no such path\n")
             return
+        await asyncio.sleep(script.answer_after_s)
         self.set_status(script.status)
         if script.status == 200:
             self.set_header("Content-Type", "application/vnd.tcpdump.pcap")
             clock = script.clock_ns if script.clock_ns is not None else time.time_ns()
-            self.set_header("X-Ddump-Clock", str(clock))
+            if script.clock:
+                self.set_header("X-Ddump-Clock", str(clock))
         for name, value in script.headers.items():
             self.set_header(name, value)
         try:
@@ -86,6 +91,10 @@ class _Handler(tornado.web.RequestHandler):
             for part in script.body:
                 if isinstance(part, float):
                     await asyncio.sleep(part)
+                elif isinstance(part, threading.Event):
+                    deadline = time.monotonic() + 30
+                    while not part.is_set() and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
                 else:
                     self.write(part)
                     await self.flush()

@@ -571,21 +571,23 @@ def test_garbage_after_valid_records_ends_the_stream_keeping_them(tmp_path: Path
         run = run_ddump(fake.url(), tmp_path)
 
     assert run.status == 1
-    assert f"127.0.0.1:{fake.port}: not a pcap stream" in run.stderr
+    assert f"127.0.0.1:{fake.port}: record 3: caplen" in run.stderr
+    assert "the stream is corrupt or not pcap" in run.stderr
     assert run.payloads() == [b"one", b"two"]
 
 
-def test_caplen_over_a_small_snaplen_but_within_the_maximum_is_kept_whole(
+def test_caplen_over_a_small_snaplen_but_within_the_maximum_is_cut_to_the_snaplen(
     tmp_path: Path,
 ) -> None:
-    """The decision (ddump/pcap.py): a record is refused only past max(snaplen, 262144), as
-    libpcap does; it is written whole, and the output's snaplen (262144) covers it."""
+    """The decision (ddump/pcap.py): a record is refused only past max(snaplen, 262144); below
+    that, one longer than the stream's snaplen is cut to it, as libpcap 1.10 does reading it."""
     small = PcapHeader(linktype=276, snaplen=64).to_bytes()
     with fake_workers({"/capture": Script(body=[small + good_records(b"x" * 200)])}) as (fake,):
         run = run_ddump(fake.url(), tmp_path)
 
     assert run.status == 0, run.stderr
-    assert run.payloads() == [b"x" * 200]
+    assert run.payloads() == [b"x" * (64 - 20)]  # the SLL2 header is 20 bytes
+    assert "1 longer than the snaplen, cut to it" in run.stderr
     require_tool("tcpdump")
     assert read_back(tmp_path / "out.pcap", "") == 1
 

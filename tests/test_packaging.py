@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import ddump
-from ddump.worker.main import TcpListen, build_parser, parse_listen
+from ddump.worker.listen import TcpListen, parse_listen
+from ddump.worker.main import build_parser
 from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]

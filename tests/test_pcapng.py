@@ -20,6 +20,7 @@ from ddump.pcapng import (
     parse_interfaces_header,
     section_header,
 )
+from ddump.pcapng_read import InputInterface, PcapngStreamParser
 from tests.conftest import require_tool
 
 NS = 1_000_000_000
@@ -404,3 +405,90 @@ def test_tcpdump_reads_one_link_type_but_refuses_mixed_link_types(tmp_path: Path
         "1700000000.000000001",
         "1700000000.000000002",
     ]
+
+
+# ---- pcapng inputs: each input interface under its own block ----
+
+
+def file_writer(writer: PcapngWriter | None = None) -> PcapngWriter:
+    writer = writer or PcapngWriter()
+    writer.start_target(
+        0,
+        name="edge.pcapng",
+        description="/captures/edge.pcapng",
+        linktype=LINKTYPE_ETHERNET,
+        snaplen=262144,
+        device=None,
+    )
+    return writer
+
+
+ETH0_IN = InputInterface(LINKTYPE_ETHERNET, 1500, "eth0", "uplink", section=0, id=0)
+UNNAMED_IN = InputInterface(LINKTYPE_LINUX_SLL, 96, None, None, section=0, id=1)
+
+
+def test_input_interfaces_get_blocks_named_target_colon_if_name_or_id() -> None:
+    writer = file_writer()
+    eth0 = writer.encode_input(0, ETH0_IN, [record(T0, b"\xff" * 14)])
+    unnamed = writer.encode_input(0, UNNAMED_IN, [record(T0 + 1, sll()), record(T0 + 2, sll())])
+    assert [(i.name, i.description, i.linktype, i.snaplen) for i in writer.interfaces] == [
+        ("edge.pcapng:eth0", "/captures/edge.pcapng", LINKTYPE_ETHERNET, 1500),
+        ("edge.pcapng:#1", "/captures/edge.pcapng", LINKTYPE_LINUX_SLL, 96),
+    ]
+    assert [epb_fields(epb[8:-4])[:2] for _, epb in eth0 + unnamed] == [
+        (0, T0),
+        (1, T0 + 1),
+        (1, T0 + 2),
+    ]
+    assert [kind for kind, _ in walk(writer.take_blocks())] == [1, 1]
+    writer.encode_input(0, ETH0_IN, [record(T0 + 3, b"\xff" * 14)])
+    assert writer.take_blocks() == b""  # a known interface: no new block
+    assert writer.packets == [2, 2]
+
+
+def test_a_forced_snaplen_replaces_the_inputs_own() -> None:
+    writer = file_writer(PcapngWriter(snaplen=262144))
+    writer.encode_input(0, UNNAMED_IN, [record(T0, sll())])
+    assert writer.interfaces[0].snaplen == 262144
+
+
+def test_like_interfaces_of_two_sections_share_a_block_and_others_do_not() -> None:
+    writer = file_writer()
+    again = InputInterface(LINKTYPE_ETHERNET, 1500, "eth0", None, section=1, id=0)
+    other_link = InputInterface(LINKTYPE_LINUX_SLL2, 1500, "eth0", None, section=2, id=0)
+    for iface in (ETH0_IN, again, other_link):
+        writer.encode_input(0, iface, [record(T0, b"x")])
+    assert [(i.name, i.linktype) for i in writer.interfaces] == [
+        ("edge.pcapng:eth0", LINKTYPE_ETHERNET),
+        ("edge.pcapng:eth0", LINKTYPE_LINUX_SLL2),
+    ]
+    assert writer.packets == [2, 1]
+
+
+def test_input_interfaces_are_counted_in_the_statistics_and_written_ones_only() -> None:
+    writer = file_writer()
+    encoded = writer.encode_input(0, ETH0_IN, [record(T0 + i, b"x") for i in range(4)])
+    writer.discard(encoded[3:])
+    blocks = walk(writer.statistics(T0 + NS))
+    assert [kind for kind, _ in blocks] == [1, 5]  # no extra block for the file target
+    assert struct.unpack_from("<Q", blocks[1][1], len(blocks[1][1]) - 12)[0] == 3
+
+
+def test_tshark_reads_a_pcapng_input_rewritten_under_its_target(tmp_path: Path) -> None:
+    tshark = require_tool("tshark")
+    source = section_header("x") + Interface("eth0", "", LINKTYPE_ETHERNET, 1500).to_bytes()
+    writer0 = PcapngWriter()
+    writer0.start_target(0, name="x", description="", linktype=LINKTYPE_ETHERNET, snaplen=1500)
+    source += b"".join(epb for _, epb in writer0.encode(0, [record(T0 + 5, b"\xaa" * 20)]))
+    parser = PcapngStreamParser()
+    [(iface, batch)] = parser.feed(source)
+    writer = file_writer()
+    epbs = writer.encode_input(0, iface, batch)
+    out = section_header("ddump") + writer.take_blocks() + b"".join(e for _, e in epbs)
+    (tmp_path / "out.pcapng").write_bytes(out + writer.statistics(T0 + NS))
+    fields = run(
+        tshark, "-r", str(tmp_path / "out.pcapng"), "-T", "fields",
+        "-e", "frame.interface_name", "-e", "frame.time_epoch", "-e", "frame.len",
+    )  # fmt: skip
+    assert fields.returncode == 0, fields.stderr
+    assert fields.stdout.splitlines() == ["edge.pcapng:eth0\t1700000000.000000005\t20"]

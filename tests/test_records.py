@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddump import records
+from ddump.pcap import PcapStreamParser
 from ddump.records import Record
 from tests.conftest import IN_CI
 
@@ -215,3 +216,35 @@ def test_a_batch_of_one_packet_keeps_no_room_for_more() -> None:
         tracemalloc.stop()
     assert len(kept) == 1000 and all(len(batch) == 1 for batch in kept)
     assert grown < 1000 * 400, f"{grown / 1000:.0f} bytes per one-packet batch"
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=40)),
+        max_size=10,
+    ),
+    st.booleans(),
+    st.sampled_from([1, 1000]),
+    st.integers(0, 40),
+    st.integers(0, 50),
+)
+def test_converting_scan_equals_the_python_conversion(
+    packets: list[tuple[int, int, bytes]], big_endian: bool, scale: int, limit: int, cut: int
+) -> None:
+    # Any seconds and fraction (a sloppy writer's microseconds >= 10**6 carry into seconds),
+    # a caplen over the limit somewhere, a record cut by the end of the buffer.
+    layout = struct.Struct(">IIII" if big_endian else "<IIII")
+    buf = b"".join(layout.pack(s, f, len(d), len(d) + 1) + d for s, f, d in packets)
+    buf = buf[: max(0, len(buf) - cut)]
+    parser = PcapStreamParser()
+    parser._rec, parser._scale, parser._limit, parser._keep = layout, scale, limit, limit
+    expected, py_pos, py_bad = parser._parse_converting(buf, 0)
+    py_need = parser._need
+
+    batch, pos, need, bad = _records.scan_converting(buf, 0, big_endian, scale, limit)
+
+    assert list(batch) == expected
+    assert batch.data == b"".join(data for _, data in expected)
+    assert (pos, need, bad) == (py_pos, py_need, py_bad)

@@ -279,7 +279,8 @@ def test_mtls_with_the_right_client_certificate_streams_packets(proxy: Proxy) ->
     "userinfo",
     [
         pytest.param("", id="no-credentials"),
-        pytest.param(f"{USER}@", id="no-password"),
+        # USER@ without $DDUMP_PASSWORD is refused before connecting (tests/test_inputs.py)
+        pytest.param(f"{USER}:@", id="empty-password"),
         pytest.param(f"{USER}:{WRONG_PASSWORD}@", id="wrong-password"),
         pytest.param(f"nobody:{quote(PASSWORD, safe='')}@", id="wrong-user"),
     ],

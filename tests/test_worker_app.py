@@ -4,7 +4,8 @@ The fake behaves by words in its filter: `fake-idle` listens and writes no packe
 `fake-flood` writes zeros as fast as it can, `fake-crash` dies after the header,
 `fake-syntax-error` / `fake-permission` fail as tcpdump does, `fake-silent` never listens;
 otherwise it writes a 4-byte packet every 20 ms, up to `-c N`. It logs its argv and a SIGTERM
-into $FAKE_TCPDUMP_LOG/<pid>.argv|.term.
+into $FAKE_TCPDUMP_LOG/<pid>.argv|.term. `-d` (the worker's check that it can capture) succeeds
+unless $FAKE_TCPDUMP_NO_CAPTURE is set, and is not logged.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapStreamParser
-from ddump.worker.app import WorkerState, make_app
+from ddump.worker.app import make_app
 from ddump.worker.filter import self_exclusion
 from ddump.worker.params import NS_PER_S
 from ddump.worker.registry import CaptureRegistry
+from ddump.worker.state import WorkerState
 from ddump.worker.taps import Tap
 from tests.conftest import require_tool
 from tests.netns import UnixHTTPConnection, WorkerProcess, worker_argv
@@ -45,6 +47,14 @@ FAKE_TCPDUMP = r"""#!/bin/sh
 if [ "$1" = "--version" ]; then
     echo "tcpdump version 4.99.0-fake"; echo "libpcap version 1.10.0-fake"; exit 0
 fi
+for arg in "$@"; do
+    [ "$arg" = "-d" ] || continue
+    if [ -n "$FAKE_TCPDUMP_NO_CAPTURE" ]; then
+        echo "tcpdump: any: You don't have permission to perform this capture on that device" >&2
+        echo "(socket: Operation not permitted)" >&2; exit 1
+    fi
+    echo "(000) ret      #262144"; exit 0
+done
 log="${FAKE_TCPDUMP_LOG:-/dev/null/x}"
 [ -d "$log" ] && printf '%s\n' "$@" > "$log/$$.argv"
 count=0; previous=""
@@ -383,9 +393,9 @@ def test_health_reports_the_tcpdump_version(fake: Fake) -> None:
 def test_health_that_tcpdump_does_not_answer_is_503_and_leaves_nothing_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ddump.worker.app
+    import ddump.worker.health
 
-    monkeypatch.setattr(ddump.worker.app, "VERSION_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(ddump.worker.health, "VERSION_TIMEOUT_S", 0.5)
     stuck = tmp_path / "tcpdump"
     stuck.write_text(f"#!/bin/sh\necho $$ >> {tmp_path}/pids\nexec sleep 30\n")
     stuck.chmod(0o755)

@@ -18,7 +18,8 @@ from ddump.worker.filter import (
     self_exclusion,
     tcpdump_argv,
 )
-from ddump.worker.main import TcpListen, UnixListen, build_parser, parse_listen
+from ddump.worker.listen import TcpListen, UnixListen, parse_listen
+from ddump.worker.main import build_parser
 from ddump.worker.params import CaptureParams, parse_query
 from ddump.worker.tcpdump import (
     RecordCounter,

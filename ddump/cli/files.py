@@ -1,7 +1,10 @@
-"""Capture files as targets: `ddump a.pcap b.pcap` merges them like live streams.
+"""Capture files as targets: `ddump a.pcap b.pcap` merges them, exactly, as mergecap does.
 
 Users often already hold per-host captures; the same parser, merge and writer apply. A file has
-no clock to go by, so its records are merged by their timestamps alone.
+no clock to go by, so its records are merged by their timestamps alone. A regular file is
+*pulled* (FileReader): the session reads the next block of the file whose records end earliest,
+so the merge never waits on, nor guesses about, a file it could simply read. Standard input and
+FIFOs are *pushed* (FileStream), like a live stream: their writer may be a live tcpdump.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import contextlib
 import os
 import stat
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -29,11 +32,22 @@ class FileSource:
 
     name: str
     path: str  # "-" is stdin
+    regular: bool = False  # a regular file: pulled by the merge, not pushed
+
+    @property
+    def pulled(self) -> bool:
+        return self.regular
+
+
+# Names only a capture file has: a mistyped one is "no such file", not a host without http://.
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap", ".gz")
 
 
 def looks_like_file(arg: str) -> bool:
     """A URL argument that names a capture file rather than a worker."""
-    return arg == "-" or arg.startswith("file:") or ("://" not in arg and os.path.exists(arg))
+    if arg == "-" or arg.startswith("file:"):
+        return True
+    return "://" not in arg and (os.path.exists(arg) or arg.lower().endswith(CAPTURE_SUFFIXES))
 
 
 def parse_file_source(arg: str) -> FileSource:
@@ -46,7 +60,77 @@ def parse_file_source(arg: str) -> FileSource:
         raise UsageError(f"{arg}: is a directory, not a capture file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{arg}: cannot read it (permission denied)")
-    return FileSource(path, path)
+    return FileSource(path, path, regular=os.path.isfile(path))
+
+
+class FileReader:
+    """A regular capture file read a block at a time, when the merge asks for it.
+
+    Past `open_limit` files open at once (a merge of thousands of files under a small
+    `ulimit -n`), a file is opened for each read and closed after it, at its offset.
+    """
+
+    def __init__(self, source: FileSource, block_size: int, *, keep_open: bool = True) -> None:
+        self.source = source
+        self.block_size = block_size
+        self.keep_open = keep_open
+        self._handle: BinaryIO | None = None
+        self._offset = 0
+        self.done = False
+
+    def read(self) -> bytes:
+        """The next block (b"" at the end); StreamFailure if the file cannot be read."""
+        if self.done:
+            return b""
+        try:
+            if self._handle is None:
+                self._handle = open(self.source.path, "rb", buffering=0)  # noqa: SIM115
+                if self._offset:
+                    self._handle.seek(self._offset)
+            block = self._handle.read(self.block_size) or b""
+        except OSError as exc:
+            self.close()
+            raise StreamFailure(f"cannot read: {exc.strerror}") from None
+        self._offset += len(block)
+        if not block:
+            self.done = True
+            self.close()
+        elif not self.keep_open:
+            self.close()
+        return block
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def refuse_to_overwrite_an_input(path: str, sources: Sequence[object]) -> None:
+    """UsageError if the output (-w PATH, or stdout for "-") is one of the input files.
+
+    Opening it for writing would truncate the input before it is read (`-w a.pcap a.pcap`),
+    and appending to a file being read (`>> a.pcap`) never ends. Same file: same device and
+    inode, whatever the path says.
+    """
+    try:
+        out = os.fstat(1) if path == "-" else os.stat(path)
+    except OSError:  # not there yet: it cannot be an input
+        return
+    if not stat.S_ISREG(out.st_mode):
+        return
+    for source in sources:
+        if not isinstance(source, FileSource):
+            continue
+        try:
+            info = os.fstat(0) if source.path == "-" else os.stat(source.path)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) == (out.st_dev, out.st_ino):
+            output = "standard output" if path == "-" else f"-w {path}"
+            raise UsageError(
+                f"{output} is the input file {source.name}: writing would destroy it before "
+                "it is read; write the merge to another file"
+            )
 
 
 class FileStream:

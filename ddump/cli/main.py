@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from ddump.cli.compress import compression_of
-from ddump.cli.files import FileSource, looks_like_file, parse_file_source
+from ddump.cli.files import (
+    FileSource,
+    looks_like_file,
+    parse_file_source,
+    refuse_to_overwrite_an_input,
+)
 from ddump.cli.options import Options, parse_args
 from ddump.cli.output import Output, PcapOutput
 from ddump.cli.report import Reporter
@@ -35,33 +42,89 @@ class ExitStatus(enum.IntEnum):
     KILLED = 130  # a second Ctrl-C
 
 
-def collect_targets(options: Options) -> list[Target | FileSource]:
-    """Targets from the arguments (URLs or capture files), then the inventories, in order."""
+def collect_targets(
+    options: Options, warn: Callable[[str], None] = lambda _: None
+) -> list[Target | FileSource]:
+    """Targets from the arguments (URLs or capture files), then the inventories, in order.
+
+    Settings come, from the strongest: the target's own (its URL, its inventory keys), the
+    command line (--filter, -s, --batch), the inventory's defaults. `warn` hears of repeats.
+    """
     sources: list[Target | FileSource] = []
     for arg in options.urls:
         if looks_like_file(arg):
             sources.append(parse_file_source(arg))
         else:
-            target = parse_target(arg, default_filter=options.filter)
-            if target.username is not None and target.password is None:
-                # `https://ops@host`: the password stays out of the command line (and /proc).
-                target = replace(target, password=os.environ.get(PASSWORD_ENV))
+            target = with_url_password(parse_target(arg, default_filter=options.filter))
             sources.append(with_worker_defaults(target, options))
     if options.inventories:
         from ddump.inventory import load_inventory  # YAML only when there is an inventory
+    typed: dict[str, object] = {"filter": options.filter, "snaplen": options.snaplen}
+    typed = {name: value for name, value in typed.items() if value is not None}
+    if options.batch:
+        typed[BATCH_PARAM] = True
     for path in options.inventories:
-        for target in load_inventory(path, options.groups):
-            if target.filter is None and options.filter is not None:
-                target = replace(
-                    with_query_default(target, "filter", options.filter), filter=options.filter
-                )
-            sources.append(with_worker_defaults(target, options))
+        sources += load_inventory(path, options.groups, overrides=typed)
     if not sources:
         raise UsageError("the inventory selects no targets")
     if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
         raise UsageError("standard input (-) can be given once")
+    sources = without_repeats(sources, warn)
     named = iter(unique_names([s for s in sources if isinstance(s, Target)]))
     return [next(named) if isinstance(s, Target) else s for s in sources]
+
+
+def with_url_password(target: Target) -> Target:
+    """`https://ops@host`: the password comes from $DDUMP_PASSWORD, out of the process list.
+
+    Unset or empty is an error, as for an inventory's password_env: a silently empty password
+    would only come back as "401 Unauthorized".
+    """
+    if target.username is None or target.password is not None:
+        return target
+    password = os.environ.get(PASSWORD_ENV)
+    if not password:
+        state = "is empty" if password is not None else "is not set"
+        raise UsageError(
+            f"{target.name}: user {target.username!r} needs a password, and {PASSWORD_ENV} "
+            f"{state}: set {PASSWORD_ENV} (write {target.username}:@ in the URL for none)"
+        )
+    return replace(target, password=password)
+
+
+def without_repeats(
+    sources: list[Target | FileSource], warn: Callable[[str], None]
+) -> list[Target | FileSource]:
+    """Keep the first of targets that are one capture (a host in two inventory groups):
+    captured twice, every packet of it would be written twice."""
+    first: dict[object, Target | FileSource] = {}
+    kept: list[Target | FileSource] = []
+    for source in sources:
+        key = _capture_key(source)
+        seen = first.setdefault(key, source)
+        if seen is source:
+            kept.append(source)
+        elif isinstance(source, Target):
+            where = f" ({source.name})" if source.name != seen.name else ""
+            warn(f"{redact(source.url)}{where} is given twice: captured once, as {seen.name}")
+        else:
+            warn(f"{source.name} is given twice: read once, as {seen.name}")
+    return kept
+
+
+def _capture_key(source: Target | FileSource) -> object:
+    """What makes two sources one capture: the request URL (query included, after defaults),
+    or a file's device and inode."""
+    if isinstance(source, Target):
+        parts = urlsplit(source.url)
+        return ("url", urlunsplit(parts._replace(netloc=parts.netloc.lower())))
+    if source.path == "-":
+        return ("stdin",)
+    try:
+        info = os.stat(source.path)
+    except OSError:  # said when it is opened
+        return ("path", source.path)
+    return ("file", info.st_dev, info.st_ino)
 
 
 def with_query_default(target: Target, key: str, value: str) -> Target:
@@ -114,17 +177,28 @@ async def run_session(session: Session) -> bool:
         session.output.close()  # in the loop: it unregisters from it
 
 
-def run(options: Options, reporter: Reporter) -> ExitStatus:
-    targets = collect_targets(options)
+def raise_open_files_limit() -> None:
+    """Every target holds a socket or a file: take the hard `ulimit -n`, not the soft 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(options: Options, reporter: Reporter, output: Output | None = None) -> ExitStatus:
+    """Capture as `options` say, into `output` (default: -w); the extcap passes its FIFO."""
+    targets = collect_targets(options, reporter.warn)
+    raise_open_files_limit()
     contexts = ContextCache(TlsFiles(options.ca, options.cert, options.key))
     check_tls(targets, contexts)
-    output: Output
-    if options.rotation.rotates or compression_of(options.write):
-        from ddump.cli.savefiles import RotatingOutput
+    if output is None:
+        refuse_to_overwrite_an_input(options.write, targets)
+        if options.rotation.rotates or compression_of(options.write):
+            from ddump.cli.savefiles import RotatingOutput
 
-        output = RotatingOutput(options.rotation, reporter)
-    else:
-        output = PcapOutput.open(options.write)
+            output = RotatingOutput(options.rotation, reporter)
+        else:
+            output = PcapOutput.open(options.write)
     if options.format == "pcapng":
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 
@@ -142,14 +216,27 @@ def run(options: Options, reporter: Reporter) -> ExitStatus:
     return ExitStatus.ERROR if failed else ExitStatus.OK
 
 
+def hold_stderr_open() -> None:
+    """Started with descriptor 2 closed (`2>&-`), point it at /dev/null: else the next file
+    opened (the -w output) would get it, and anything written to "stderr" would land there."""
+    try:
+        os.fstat(2)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ddump; returns the exit status (see ExitStatus and `ddump --help`)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    hold_stderr_open()
     logging.basicConfig(level=logging.CRITICAL)  # Tornado's own logs would only repeat ours
     try:
         options = parse_args(args)
     except UsageError as exc:
-        print(f"ddump: {redact(str(exc))}", file=sys.stderr)
+        Reporter(quiet=False, verbose=False).error(str(exc))
         return ExitStatus.USAGE
     reporter = Reporter(quiet=options.quiet, verbose=options.verbose)
     # Every record is a tuple: the cyclic collector would walk millions of them for nothing

@@ -25,11 +25,16 @@ Capture on many hosts at once and write one merged pcap, in timestamp order, to 
 Each TARGET is a ddump-worker URL:
   http[s]://[USER[:PASSWORD]@]HOST[:PORT][/capture][?filter=BPF]
 A URL with a USER but no PASSWORD takes the password from $DDUMP_PASSWORD, which keeps it
-out of the process list. PORT defaults to 8475 (for https too), the path to /capture;
-percent-encode the filter (e.g. ?filter=tcp%20port%2080). Targets can also come from an
-inventory (-f fleet.yaml).
+out of the process list (unset or empty is an error; USER:@ means no password). PORT
+defaults to 8475 (for https too), the path to /capture; percent-encode the filter (e.g.
+?filter=tcp%20port%2080), and an IPv6 zone as %25 (http://[fe80::1%25eth0]). Targets can
+also come from an inventory (-f fleet.yaml).
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
+
+Each setting of a target comes from, in this order: the target's own (its URL, its inventory
+keys), then the command line (--filter, -s, --batch), then the inventory's defaults. A target
+given twice (same URL, filter and parameters) is captured once.
 """
 
 EPILOG = """\
@@ -41,6 +46,7 @@ examples:
   ddump -f fleet.yaml -w 'fleet-%Y%m%d-%H%M%S.pcap' -G 600     # a new file every 10 min
   ddump -f fleet.yaml -w fleet.pcapng -C 100 -W 20              # a ring of 20 x 100 MB
   ddump -f fleet.yaml -w fleet.pcap.gz                          # gzip, flushed every second
+  ddump-extcap --install    # then "ddump" is a capture interface of Wireshark and tshark
 
 exit status:
   0  every stream ended normally, or the capture was stopped (Ctrl-C, -c, --duration,
@@ -185,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the inventory's targets in group NAME (repeatable, or NAME,NAME)",
     )
     targets.add_argument(
-        "--filter", metavar="BPF", help="capture filter for targets that do not give one"
+        "--filter",
+        metavar="BPF",
+        help="capture filter for targets that do not give one (it beats the inventory's defaults)",
     )
     targets.add_argument(
         "-s",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import resource
 import ssl
 import time
 from collections.abc import Awaitable, Coroutine
@@ -12,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from ddump import records as batches
-from ddump.cli.files import FileSource, FileStream
+from ddump.cli.files import FileReader, FileSource, FileStream
 from ddump.cli.output import Output, OutputClosed
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.sources import Opened, StreamFailure
 from ddump.cli.tls import ContextCache
+from ddump.decode import CaptureDecoder, DecodeError, PcapDecoder, Segment
 from ddump.errors import DdumpError, PcapFormatError
 from ddump.merge import Merger
 from ddump.pcap import (
     LINKTYPE_LINUX_SLL,
     LINKTYPE_LINUX_SLL2,
-    PcapStreamParser,
     can_convert,
     convert_records,
     linktype_name,
@@ -45,6 +47,11 @@ MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte p
 _COOKED = {LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2}  # what `tcpdump -i any` gives
 STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
 STATS_CONCURRENCY = 16  # asks at once (--reconnect may leave many captures per target)
+# A pulled file keeps at most one read block beyond what the merge can write: the blocks of
+# all files together stay within this, each between these bounds.
+FILE_BLOCKS_BUDGET = 64 * 1024 * 1024
+FILE_BLOCK_MIN, FILE_BLOCK_MAX = 16 * 1024, 256 * 1024
+FILE_YIELD_EVERY = 8  # blocks pulled between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class _Run:
     index: int
     target: Target | FileSource
     counts: TargetCounts
-    parser: PcapStreamParser = field(default_factory=PcapStreamParser)
+    decoder: CaptureDecoder | PcapDecoder = field(default_factory=PcapDecoder)
     stream: CaptureStream | FileStream | None = None
     linktype: int | None = None
     clock_offset_ns: int = 0  # worker clock minus ours: at least this...
@@ -73,6 +80,8 @@ class _Run:
     staged: list[tuple[int, Records]] = field(default_factory=list)  # (link type, records)
     failed: bool = False
     refused: str = ""  # why its records cannot join the output, once known
+    clock_known: bool = True  # False: no clock header; the first packet tells its offset
+    last_ts: int = -1  # a file's newest timestamp so far, in file order
     capture_ids: list[str] = field(default_factory=list)  # one per connection (--reconnect)
     tcpdump: CaptureCounts | None = None  # tcpdump's counts, summed over its captures
 
@@ -97,7 +106,10 @@ class Session:
         self.runs = [
             _Run(
                 self.merger.add_stream(
-                    t.name, timed=isinstance(t, Target), delay_ns=_delivery_delay_ns(t)
+                    t.name,
+                    timed=isinstance(t, Target),
+                    delay_ns=_delivery_delay_ns(t),
+                    pulled=_pulled(t),
                 ),
                 t,
                 TargetCounts(t.name),
@@ -123,8 +135,13 @@ class Session:
     async def run(self) -> bool:
         """Capture until every stream ends or `stop()`; True when some target failed."""
         streams = [
-            self._spawn(self._stream_target(r), f"stream {r.target.name}") for r in self.runs
+            self._spawn(self._stream_target(r), f"stream {r.target.name}")
+            for r in self.runs
+            if not _pulled(r.target)
         ]
+        files = [r for r in self.runs if _pulled(r.target)]
+        if files:
+            streams.append(self._spawn(self._pull_files(files), "capture files"))
         ticker = self._spawn(self._tick(), "ticker")
         if self.settings.duration_ns is not None:
             asyncio.get_running_loop().call_later(
@@ -260,13 +277,13 @@ class Session:
         if not wait_ns:
             self.stop(reason)
             return
+        self._cutoff_ns = time.time_ns()  # what is captured later is not written
         wait_s = (wait_ns + self.settings.max_delay_ns) / 1e9
         again = "again " if reason == "SIGINT" else ""
         self.reporter.info(
             f"{reason}: stopping in {wait_s:g} s, once batch targets have handed over "
             f"their last packets (Ctrl-C {again}to stop now)"
         )
-        self._cutoff_ns = time.time_ns()  # what is captured later is not written
         self._stop_timer = asyncio.get_running_loop().call_later(wait_s, self.stop, reason)
 
     def stop(self, reason: str) -> None:
@@ -287,7 +304,7 @@ class Session:
     async def _stream_target(self, run: _Run) -> None:
         backoff = BACKOFF_FIRST_S
         while not self.stopping:
-            run.parser = PcapStreamParser()
+            run.decoder = _decoder(run.target)
             run.linktype = None
             run.opened = None
             run.stream = self._open(run.target)
@@ -327,6 +344,107 @@ class Session:
         if all(s.live is False for s in self.merger.streams):
             self._stop_event.set()
 
+    async def _pull_files(self, runs: list[_Run]) -> None:
+        """Merge regular files exactly, as mergecap does: always read the file whose records
+        end earliest, the one that holds the merge back; no cap, no guess, nothing late."""
+        size = max(FILE_BLOCK_MIN, min(FILE_BLOCK_MAX, FILE_BLOCKS_BUDGET // len(runs)))
+        keep_open = len(runs) <= _open_files_room()
+        readers: dict[int, FileReader] = {}
+        for run in runs:
+            assert isinstance(run.target, FileSource)
+            readers[run.index] = FileReader(run.target, size, keep_open=keep_open)
+            run.decoder = _decoder(run.target)
+            self._on_opened(run, Opened(clock_offset_ns=None))
+        # (newest timestamp pushed, index): files not read yet first, in argument order.
+        heap = [(-1, run.index) for run in runs]
+        pulled = 0
+        # One release per block read would visit ~every file each time: measured merging
+        # 1,000 files, 78 files cut per release; releasing after a round of reads merges
+        # the same records in far fewer, larger steps. Memory stays within a round's blocks.
+        release_every = max(1, len(runs) // 8)
+        try:
+            while heap and not self.stopping:
+                if not self._files_may_grow():
+                    await asyncio.sleep(TICK_S)  # until a live target moves the merge on
+                    continue
+                _, index = heapq.heappop(heap)
+                run, reader = self.runs[index], readers[index]
+                if self._pull(run, reader):
+                    heapq.heappush(heap, (self.merger.streams[index].newest_ns, index))
+                else:
+                    reader.close()
+                    self.merger.end_stream(index)
+                    self._release()
+                pulled += 1
+                if pulled % release_every == 0 or self.merger.buffered > MAX_BUFFERED // 2:
+                    self._release()
+                pending = None if self.stopping else self.output.drained()
+                if pending is not None:
+                    await pending
+                elif pulled % FILE_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # the ticker, signals and live targets go on
+        finally:
+            for reader in readers.values():
+                reader.close()
+        for run in runs:
+            if run.counts.state == "capturing":
+                run.counts.state = "stopped"
+            self.merger.end_stream(run.index)
+        self._report_file_order(runs)
+        self._release()
+
+    def _files_may_grow(self) -> bool:
+        """Read more of the files while they hold the merge back, or memory is to spare.
+
+        A live target that holds the merge (a quiet stdin, a worker still connecting) must
+        not make the files pile up in memory: past MAX_BUFFERED they wait for it.
+        """
+        if self.merger.buffered + self.staged <= MAX_BUFFERED:
+            return True
+        now = time.time_ns()
+        return self.merger.watermark(now, self.settings.max_delay_ns) >= self.merger.pulled_mark()
+
+    def _pull(self, run: _Run, reader: FileReader) -> bool:
+        """Read and merge one block of a file; False once the file is done (or failed)."""
+        try:
+            # Compressed input held back inflates first: a bounded piece per pull.
+            block = b"" if run.decoder.more else reader.read()
+            if block or run.decoder.more:
+                self._on_data(run, block)
+                return True
+            self._end_of_body(run)
+            run.counts.state = "ended"
+        except StreamFailure as exc:
+            self._failed(run, str(exc))
+        except Exception as exc:  # a bug must cost one file, not the whole merge
+            self._failed(run, f"internal error: {type(exc).__name__}: {exc}")
+        return False
+
+    def _check_file_order(self, run: _Run, records: Records) -> None:
+        # A file that is out of time order itself (a capture of several interfaces, a clock
+        # step): its records are sorted within each read block; counted for the summary.
+        first = batches.first_ts(records)
+        if first >= run.last_ts and getattr(records, "sorted", None) is True:
+            run.last_ts = batches.last_ts(records)
+            return
+        previous = run.last_ts
+        for ts in batches.timestamps(records):
+            if ts < previous:
+                run.counts.disordered += 1
+            else:
+                previous = ts
+        run.last_ts = previous
+
+    def _report_file_order(self, runs: list[_Run]) -> None:
+        for run in runs:
+            if run.counts.disordered:
+                self.reporter.warn(
+                    f"{run.target.name}: {run.counts.disordered} records earlier than the one "
+                    "before them in the file itself: sorted within each block read, and any "
+                    "older than what was already written were written where they came, counted "
+                    "late (reordercap sorts a file)"
+                )
+
     def _failed(self, run: _Run, message: str) -> None:
         run.failed = True
         self.merger.start_stream(run.index, run.clock_offset_ns)
@@ -353,6 +471,9 @@ class Session:
         run.counts.error = ""
         offset = opened.clock_offset_ns
         run.clock_offset_ns = offset or 0
+        run.clock_known = offset is not None or isinstance(run.target, FileSource)
+        if not run.clock_known:
+            run.counts.no_clock = True
         run.clock_offset_high_ns = run.clock_offset_ns + (
             opened.clock_spread_ns if offset is not None else 0
         )
@@ -369,6 +490,8 @@ class Session:
             self.reporter.detail(f"{run.target.name}: reading")
             return
         what = f"filter {run.target.filter!r}" if run.target.filter else "no filter"
+        if not run.clock_known:
+            note = ", no clock: ordered by its packets' own timestamps"
         self.reporter.info(f"{run.target.name}: capturing ({what}{note})")
 
     def _check_clock(self, run: _Run, low: int, high: int) -> None:
@@ -386,63 +509,96 @@ class Session:
     def _learn_clock(self, run: _Run, newest_ns: int) -> None:
         # A packet cannot arrive before it was captured: each batch's newest timestamp minus
         # our time bounds the worker's clock offset from below, better than the headers did.
+        # Without a clock header, the first packet gives the first bound: a replayed trace or
+        # a clock minutes off then merges by its own timestamps, not all at once.
         low = newest_ns - time.time_ns()
-        if low > run.clock_offset_ns:
+        if low > run.clock_offset_ns or not run.clock_known:
+            run.clock_known = True
             run.clock_offset_ns = low
             self.merger.start_stream(run.index, low)
 
     def _on_data(self, run: _Run, chunk: bytes) -> Awaitable[None] | None:
         run.counts.bytes += len(chunk)
+        decoder = run.decoder
+        truncated = decoder.truncated
         try:
-            records = run.parser.feed(chunk)
+            segments = decoder.feed(chunk)
+            while decoder.more:  # compressed input, inflated a bounded piece at a time
+                for segment in segments:
+                    self._accept(run, segment)
+                segments = decoder.feed(b"")
+        except DecodeError as exc:
+            for segment in exc.segments:  # the good records before the bad bytes
+                self._accept(run, segment)
+            raise StreamFailure(str(exc)) from None  # it says what the bytes are
         except PcapFormatError as exc:
-            self._accept(run, exc.records)  # the good records before the bad bytes
-            raise StreamFailure(f"not a pcap stream: {exc}") from None
-        self._accept(run, records)
+            raise StreamFailure(str(exc)) from None
+        finally:
+            run.counts.truncated += decoder.truncated - truncated
+        for segment in segments:
+            self._accept(run, segment)
+        if not segments:
+            self._accept(run, None)  # a header alone starts the stream
         if run.refused:
             raise StreamFailure(run.refused)
         return None if self.stopping else self.output.drained()
 
-    def _accept(self, run: _Run, records: Records) -> None:
-        if run.linktype is None and run.parser.header is not None:
-            run.linktype = run.parser.header.linktype
+    def _accept(self, run: _Run, segment: Segment | None) -> None:
+        if run.linktype is None and run.decoder.linktype is not None:
+            run.linktype = run.decoder.linktype
             run.opened_at = None
-            self.merger.start_stream(run.index, run.clock_offset_ns)
+            if run.clock_known:  # else its first packet starts it (_learn_clock)
+                self.merger.start_stream(run.index, run.clock_offset_ns)
             self._start_pcapng(run)
-        if not records or self.stopping or run.refused:
+        if segment is None or not segment.records or self.stopping or run.refused:
             return
+        records = segment.records
         if self._cutoff_ns is not None and isinstance(run.target, Target):
-            # In the worker's clock, by the offset's upper bound: nothing captured before the
-            # stop is lost (a batch stream's clock is never learnt closer: its packets are late).
-            cutoff = self._cutoff_ns + max(run.clock_offset_ns, run.clock_offset_high_ns)
+            # In the worker's clock, by the offset's low end: the worker reads its clock just
+            # before it answers, so that end is off by the answer's way here (well under a
+            # millisecond on a LAN). The high end adds the whole request, tcpdump's start
+            # included (measured 34-74 ms on an idle host): a cut that late, different per target.
+            cutoff = self._cutoff_ns + run.clock_offset_ns
             records = batches.pack([record for record in records if record[0] <= cutoff])
             if not records:
                 return
         run.counts.packets += len(records)
-        if isinstance(run.target, Target) and self.merger.streams[run.index].started:
+        if isinstance(run.target, Target) and (
+            self.merger.streams[run.index].started or not run.clock_known
+        ):
             self._learn_clock(run, batches.last_ts(records))
-        if self.output.pcapng is not None:
+        elif isinstance(run.target, FileSource):
+            self._check_file_order(run, records)
+        pcapng = self.output.pcapng
+        if pcapng is not None:
             # pcapng keeps every target's own link type: records become EPBs right away.
-            self._push_records(run, self.output.pcapng.encode(run.index, records))
-        else:
-            linktype = run.linktype
-            assert linktype is not None  # known from the pcap header, before any record
-            if self.output.linktype is None:
-                run.staged.append((linktype, records))
-                self.staged += len(records)
-                self._choose_linktype()
+            if segment.interface is not None:
+                encoded = pcapng.encode_input(run.index, segment.interface, records)
             else:
-                self._push(run, records, linktype)
-        self._release()
+                encoded = pcapng.encode(run.index, records)
+            self._push_records(run, encoded)
+        elif self.output.linktype is None:
+            run.staged.append((segment.linktype, records))
+            self.staged += len(records)
+            self._choose_linktype()
+        else:
+            self._push(run, records, segment.linktype)
+        if not _pulled(run.target):  # the files' reader releases after a round of reads
+            self._release()
 
     def _push(self, run: _Run, records: Records, linktype: int) -> None:
         assert self.output.linktype is not None
         out = self.output.linktype
         if linktype != out:
             if not can_convert(linktype, out):
+                fix = (
+                    "write --format pcapng, which keeps each one's own"
+                    if isinstance(run.target, FileSource)
+                    else "capture it separately"
+                )
                 run.refused = (
                     f"its link type {linktype_name(linktype)} cannot be merged into the "
-                    f"output's {linktype_name(out)}: capture it separately"
+                    f"output's {linktype_name(out)}: {fix}"
                 )
                 run.counts.packets -= len(records)
                 if run.counts.state == "ended":  # its task is over: nobody else will say it
@@ -465,8 +621,8 @@ class Session:
         self.stop(str(exc))
 
     def _start_pcapng(self, run: _Run) -> None:
-        header = run.parser.header
-        if self.output.pcapng is None or header is None:
+        linktype, snaplen = run.decoder.linktype, run.decoder.snaplen
+        if self.output.pcapng is None or linktype is None or snaplen is None:
             return
         target, opened = run.target, run.opened
         is_worker = isinstance(target, Target)
@@ -474,8 +630,8 @@ class Session:
             run.index,
             name=target.name,
             description=redact(target.url) if isinstance(target, Target) else target.path,
-            linktype=header.linktype,
-            snaplen=header.snaplen,
+            linktype=linktype,
+            snaplen=snaplen,
             interface_names=opened.interfaces if opened else None,
             filter=target.filter if isinstance(target, Target) else None,
             device="any" if is_worker else None,
@@ -513,11 +669,12 @@ class Session:
 
     def _end_of_body(self, run: _Run) -> None:
         try:
-            run.parser.close()
+            run.decoder.close()
         except PcapFormatError as exc:
-            raise StreamFailure(f"stream cut: {exc}") from None
-        if run.parser.header is None:
-            raise StreamFailure("the response ended before a pcap header")
+            raise StreamFailure(str(exc)) from None  # it says where the stream was cut
+        if not run.decoder.started:
+            what = "file" if isinstance(run.target, FileSource) else "response"
+            raise StreamFailure(f"the {what} ended before a capture header")
 
     def _release(self) -> None:
         if self.output.closed:
@@ -526,11 +683,13 @@ class Session:
         if self.merger.buffered + self.staged > MAX_BUFFERED:
             self._stop_waiting_for_silent_streams()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
-        if self.merger.buffered > MAX_BUFFERED:
+        if self.merger.buffered > MAX_BUFFERED and mark < self.merger.pulled_mark():
             # A quiet stream without a clock (stdin, a FIFO) holds the others back for as long
             # as it is quiet: past the bound, the oldest half goes out anyway; what that stream
-            # sends later from before them is written late (counted), never dropped.
-            mark = max(mark, self.merger.oldest_mark(self.merger.buffered - MAX_BUFFERED // 2))
+            # sends later from before them is written late (counted), never dropped. Never
+            # past a pulled file's next record: files stay exact.
+            oldest = self.merger.oldest_mark(self.merger.buffered - MAX_BUFFERED // 2)
+            mark = max(mark, min(oldest, self.merger.pulled_mark()))
             if not self._warned_full:
                 self._warned_full = True
                 unclocked = [s for s in self.merger.streams if s.live and not s.timed]
@@ -627,6 +786,21 @@ def _delivery_delay_ns(target: Target | FileSource) -> int:
         return 0
     query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
     return BATCH_DELAY_NS if flag_value(query.get(BATCH_PARAM, ["0"])[-1]) else 0
+
+
+def _decoder(target: Target | FileSource) -> CaptureDecoder | PcapDecoder:
+    """Files hold any format ddump reads; a live capture stream is pcap."""
+    return CaptureDecoder() if isinstance(target, FileSource) else PcapDecoder()
+
+
+def _pulled(target: Target | FileSource) -> bool:
+    return isinstance(target, FileSource) and target.pulled
+
+
+def _open_files_room() -> int:
+    """How many capture files may stay open at once, within the soft `ulimit -n`."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - 64 if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _count(answer: dict[str, object], key: str) -> int | None:

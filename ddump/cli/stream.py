@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
@@ -78,13 +78,15 @@ class CaptureStream:
         """
         parts = urlsplit(self.target.url)
         tls = parts.scheme == "https"
-        stream = await self._connect(parts.hostname or "", parts.port or 0, tls)
+        # RFC 6874: an IPv6 zone id's "%" is written "%25" in the URL (fe80::1%25eth0).
+        host = unquote(parts.hostname or "")
+        stream = await self._connect(host, parts.port or 0, tls)
         if stream is None:
             return
         response = _Response()
         try:
             sent_ns = time.time_ns()
-            await stream.write(self._request(parts.netloc.rsplit("@", 1)[-1]))
+            await stream.write(self._request(_host_header(parts.netloc)))
             await self._read_response(stream, response, sent_ns, on_opened, on_data)
         except iostream.StreamClosedError as exc:
             if self._closing:
@@ -204,6 +206,12 @@ class CaptureStream:
                 _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
             ):
                 await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+
+
+def _host_header(netloc: str) -> str:
+    """host:port for the Host header, without an IPv6 zone id: it names an interface of this
+    host, which means nothing to the server (curl leaves it out too)."""
+    return re.sub(r"%25[^\]]*\]", "]", netloc.rsplit("@", 1)[-1])
 
 
 def _capture_id(value: str) -> str | None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pwd
 import select
-import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from http.client import responses
 from typing import Any
 
@@ -25,40 +23,22 @@ from ddump.protocol import (
     PCAP_CONTENT_TYPE,
     STATS_PATH,
 )
-from ddump.worker.capture import PIPE_SIZE, Capture, CaptureRefused, missing_tcpdump_message
+from ddump.worker.capture import Capture, CaptureRefused
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
+from ddump.worker.health import capture_check, capture_started, tcpdump_version
 from ddump.worker.interfaces import interfaces_header
 from ddump.worker.params import NS_PER_S, CaptureParams, parse_query
-from ddump.worker.registry import ENDED_KEEP, ENDED_KEEP_S, CaptureRegistry
+from ddump.worker.registry import ENDED_KEEP, ENDED_KEEP_S
+from ddump.worker.state import WorkerState
 from ddump.worker.taps import Tap
 from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")
 
 RETRY_AFTER_S = 5
-VERSION_TIMEOUT_S = 5
 STATS_TIMEOUT_NS = 3 * NS_PER_S // 2  # in all, for tcpdump's counts (the CLI waits 2 s)
 CLIENT_CHECK_S = 1.0  # how often a capture checks that its client is still connected
 _LOG_FILTER_MAX = 200
-
-
-@dataclass
-class WorkerState:
-    """What every handler shares: configuration and the running captures."""
-
-    tcpdump: str
-    exclusions: tuple[str, ...]
-    captures: CaptureRegistry
-    drop_to: pwd.struct_passwd | None = None
-    start_timeout_ns: int = 10 * NS_PER_S
-    stop_grace_ns: int = 2 * NS_PER_S
-    abort_grace_ns: int = NS_PER_S // 2
-    buffer_kib: int | None = None  # tcpdump -B
-    pipe_size: int = PIPE_SIZE  # tcpdump's stdout pipe
-    unix_socket: bool = False  # clients have no address then
-    share: bool = True  # identical live captures share one tcpdump (see taps.py)
-    version: dict[str, str] = field(default_factory=dict)  # cached `tcpdump --version`
-    version_probe: asyncio.Future[dict[str, str]] | None = None
 
 
 def seconds_text(nanoseconds: int) -> str:
@@ -96,6 +76,18 @@ class CaptureHandler(TextErrorsHandler):
         self.state = state
         self.capture: Tap | None = None
         self.client_gone = False
+
+    def refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        """Answer an error, and log it (rate-limited): a refused capture is never silent."""
+        self.state.refusals.refused(
+            f"capture refused ({status}): client={self.client()} "
+            f"filter={_show_filter(self._asked_filter())}: {message.splitlines()[0]}"
+        )
+        super().refuse(status, message, retry_after=retry_after)
+
+    def _asked_filter(self) -> str | None:
+        values = self.request.query_arguments.get("filter")
+        return values[-1].decode("utf-8", "replace") if values else None
 
     def client(self) -> str:
         forwarded = self.request.headers.get("X-Forwarded-For")
@@ -158,15 +150,8 @@ class CaptureHandler(TextErrorsHandler):
             if self.client_gone:  # tcpdump was stopped because nobody waits for it any more
                 log.info("capture %d: client=%s left before it started", number, self.client())
                 return None
-            log.warning(
-                "capture %d refused (%d): client=%s filter=%s: %s",
-                number,
-                refused.status,
-                self.client(),
-                _show_filter(params.filter),
-                refused.message.splitlines()[0],
-            )
             return self.refuse(refused.status, refused.message)
+        capture_started(self.state)
         if self.client_gone:
             capture.abort("client closed")
         started_ns = time.monotonic_ns()
@@ -294,6 +279,41 @@ def _exit_reason(capture: Tap, params: CaptureParams) -> str:
     return f"tcpdump failed: {detail or 'no message'}"
 
 
+class HealthHandler(TextErrorsHandler):
+    """GET /health: 200 with tcpdump's version when a capture can start, else 503 and why;
+    whether the worker is exposed beyond loopback either way (for load balancers and checks)."""
+
+    def initialize(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def get(self) -> None:
+        state = self.state
+        exposure: dict[str, Any] = {
+            "exposed": bool(state.exposed),  # listening beyond loopback: see the start-up log
+            "exposed_on": list(state.exposed),
+            "allow": list(state.allow),  # empty: anyone who reaches it
+        }
+        try:
+            version = await tcpdump_version(state)
+            problem = await capture_check(state)
+        except CaptureRefused as error:
+            version, problem = {}, error.message
+        if problem is not None:
+            self.set_status(503)
+            self.finish({"status": "error", "error": problem, **version, **exposure})
+            return
+        self.finish(
+            {
+                "status": "ok",
+                "ddump": ddump.__version__,
+                **version,
+                "captures": len(state.captures),
+                "max_captures": state.captures.limit,
+                **exposure,
+            }
+        )
+
+
 class CaptureStatsHandler(TextErrorsHandler):
     """GET /capture/stats?id=NAME: tcpdump's counts for one capture, running or recently ended.
 
@@ -331,83 +351,17 @@ class CaptureStatsHandler(TextErrorsHandler):
         )
 
 
-class HealthHandler(TextErrorsHandler):
-    """GET /health: 200 with tcpdump's version when a capture could start, for load balancers."""
-
-    def initialize(self, state: WorkerState) -> None:
-        self.state = state
-
-    async def get(self) -> None:
-        try:
-            version = await tcpdump_version(self.state)
-        except CaptureRefused as error:
-            self.set_status(503)
-            self.finish({"status": "error", "error": error.message})
+def _request_logger(state: WorkerState) -> Callable[[RequestHandler], None]:
+    def log_request(handler: RequestHandler) -> None:
+        # Captures log their own start, end and refusal lines; a load balancer's /health
+        # polls are noise while they answer 200, but a 503 is a refusal like any other.
+        status = handler.get_status()
+        if status < 400 or isinstance(handler, CaptureHandler):
             return
-        self.finish(
-            {
-                "status": "ok",
-                "ddump": ddump.__version__,
-                **version,
-                "captures": len(self.state.captures),
-                "max_captures": self.state.captures.limit,
-            }
-        )
+        request = handler.request
+        state.refusals.refused(f"{status} {request.method} {request.uri} from {request.remote_ip}")
 
-
-async def tcpdump_version(state: WorkerState) -> dict[str, str]:
-    """`tcpdump --version`, cached once it answered: {"tcpdump": ..., "libpcap": ...}.
-
-    Concurrent /health requests share one run.
-    """
-    if state.version:
-        return state.version
-    if state.version_probe is None or state.version_probe.done():
-        state.version_probe = asyncio.ensure_future(_probe_version(state))
-    return await asyncio.shield(state.version_probe)
-
-
-async def _probe_version(state: WorkerState) -> dict[str, str]:
-    try:
-        process = await asyncio.create_subprocess_exec(
-            state.tcpdump,
-            "--version",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-    except FileNotFoundError:
-        raise CaptureRefused(503, missing_tcpdump_message(state.tcpdump)) from None
-    except OSError as error:
-        raise CaptureRefused(503, f"cannot run {state.tcpdump!r} --version: {error}") from None
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), VERSION_TIMEOUT_S)
-    except asyncio.CancelledError:  # the worker stops: never leave it behind either
-        process.kill()
-        raise
-    except TimeoutError:
-        process.kill()  # never leave it behind: it has no parent-death signal
-        await process.wait()
-        raise CaptureRefused(
-            503, f"{state.tcpdump} --version did not answer within {VERSION_TIMEOUT_S} s"
-        ) from None
-    lines = output.decode("utf-8", "replace").splitlines()
-    if process.returncode != 0 or not lines:
-        raise CaptureRefused(503, f"{state.tcpdump} --version failed: {' '.join(lines)}")
-    state.version["tcpdump"] = lines[0]
-    for line in lines[1:]:
-        if line.startswith("libpcap"):
-            state.version["libpcap"] = line
-    return state.version
-
-
-def _log_request(handler: RequestHandler) -> None:
-    # Captures log their own start and end lines; a load balancer's /health polls are noise.
-    status = handler.get_status()
-    if status < 400 or isinstance(handler, CaptureHandler):
-        return
-    request = handler.request
-    log.warning("%d %s %s from %s", status, request.method, request.uri, request.remote_ip)
+    return log_request
 
 
 def make_app(state: WorkerState) -> Application:
@@ -418,5 +372,5 @@ def make_app(state: WorkerState) -> Application:
             (CAPTURE_PATH + STATS_PATH, CaptureStatsHandler, {"state": state}),
             (r"/health", HealthHandler, {"state": state}),
         ],
-        log_function=_log_request,
+        log_function=_request_logger(state),
     )

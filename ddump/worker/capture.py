@@ -27,6 +27,7 @@ from ddump.errors import DdumpError
 from ddump.pipes import PipeReader
 from ddump.protocol import BATCH_DELAY_NS
 from ddump.worker.params import NS_PER_S
+from ddump.worker.procfs import catches_signal, holds_packet_socket
 from ddump.worker.spawn import child_setup
 from ddump.worker.tcpdump import (
     LISTENING_MARK,
@@ -76,6 +77,15 @@ def missing_tcpdump_message(path: str) -> str:
     return (
         f"tcpdump not found at {path!r}: install it (apt-get install tcpdump) "
         "or give its path with ddump-worker --tcpdump PATH"
+    )
+
+
+def filter_too_slow_message(seconds: str) -> str:
+    return (
+        f"the filter is too complex: tcpdump opened the capture but was still compiling the "
+        f"filter after {seconds} (libpcap's optimizer can take minutes over a long chain of "
+        "`or` terms: 500 `host` terms take about 17 s). Shorten it, e.g. one `net 10.1.0.0/16` "
+        "instead of a `host` per address, or split it over several captures"
     )
 
 
@@ -192,10 +202,15 @@ class Capture:
                 asyncio.shield(self._listening), timeout_ns / NS_PER_S
             )
         except TimeoutError:
+            # Looked at before the abort closes it: tcpdump holding its packet socket has
+            # opened the capture, and all it has left to do before listening is the filter.
+            compiling = self.pid is not None and holds_packet_socket(self.pid)
             self.abort("start timeout")
             await self.wait()
-            seconds = timeout_ns // NS_PER_S
-            message = f"tcpdump did not start listening within {seconds} s"
+            seconds = f"{timeout_ns // NS_PER_S}.{timeout_ns % NS_PER_S // 10**8} s"
+            if compiling:
+                raise CaptureRefused(400, filter_too_slow_message(seconds)) from None
+            message = f"tcpdump did not start listening within {seconds}"
             raise CaptureRefused(503, message) from None
         if not listening:
             stopped = self.stop_reason  # the worker stopped it (shutdown) or the client left
@@ -363,18 +378,6 @@ class Capture:
     def _keep(self, data: bytes) -> None:
         if len(self._stderr) < STDERR_KEEP:
             self._stderr += data[: STDERR_KEEP - len(self._stderr)]
-
-
-def catches_signal(pid: int, signum: int) -> bool:
-    """True when process `pid` has a handler for `signum` (SigCgt in /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return False
 
 
 def _grow_pipe(fd: int, size: int) -> None:

@@ -5,25 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-from tornado.netutil import bind_sockets, bind_unix_socket
 
 import ddump
 from ddump.errors import UsageError
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
 from ddump.protocol import DEFAULT_PORT
-from ddump.worker.app import WorkerState, make_app
+from ddump.worker.app import make_app
 from ddump.worker.capture import missing_tcpdump_message, pipe_size_for
 from ddump.worker.filter import (
     DEFAULT_BUFFER_KIB,
@@ -32,15 +27,27 @@ from ddump.worker.filter import (
     check_filter,
     self_exclusion,
 )
+from ddump.worker.health import capture_check
+from ddump.worker.listen import (
+    DEFAULT_LISTEN_TEXT,
+    Network,
+    UnixListen,
+    bind,
+    exposed,
+    exposure_warning,
+    listen_addresses,
+    parse_network,
+)
 from ddump.worker.params import NS_PER_S
+from ddump.worker.refusals import RefusalLog
 from ddump.worker.registry import CaptureRegistry
 from ddump.worker.server import BoundedHTTPServer, default_max_connections
 from ddump.worker.spawn import unprivileged_user
+from ddump.worker.state import WorkerState
 from ddump.worker.tcpdump import error_lines
 
 log = logging.getLogger("ddump.worker")
 
-DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 DEFAULT_MAX_CAPTURES = 16
 DEFAULT_SOCKET_MODE = 0o660
 # After SIGTERM: time for captures to end their responses, then for connections to close.
@@ -50,53 +57,13 @@ MAX_BODY = 4096  # bytes of request body accepted (none is used)
 BODY_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class TcpListen:
-    host: str | None  # None: every address, IPv4 and IPv6
-    port: int
-
-
-@dataclass(frozen=True)
-class UnixListen:
-    path: str
-
-
-def parse_listen(text: str) -> TcpListen | UnixListen:
-    """`[host]:port` (IPv6 in brackets), a bare port, or `unix:/path`."""
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix:")
-        if not path:
-            raise UsageError("--listen unix: needs a path, e.g. unix:/run/ddump/worker.sock")
-        return UnixListen(path)
-    host: str | None
-    if text.isdigit():
-        host, port_text = None, text
-    elif text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise UsageError(f"--listen {text!r}: write an IPv6 address as [::1]:{DEFAULT_PORT}")
-        port_text = rest[1:]
-    else:
-        host, colon, port_text = text.rpartition(":")
-        if not colon:
-            raise UsageError(
-                f"--listen {text!r}: expected [host]:port, e.g. :{DEFAULT_PORT}, "
-                f"127.0.0.1:{DEFAULT_PORT}, [::1]:{DEFAULT_PORT} or unix:/path"
-            )
-        if ":" in host:
-            raise UsageError(f"--listen {text!r}: write an IPv6 address as [{host}]:{port_text}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen {text!r}: port must be a number from 0 to 65535")
-    return TcpListen(host or None, int(port_text))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddump-worker",
         description="Stream live tcpdump captures over HTTP: GET /capture?filter=BPF "
         "answers a chunked pcap (application/vnd.tcpdump.pcap); GET /capture/stats?id=NAME "
         "tcpdump's counts (drops) for the capture whose X-Ddump-Capture header is NAME; "
-        "GET /health.",
+        "GET /health answers 200, or 503 with the reason when no capture can start.",
         epilog="Needs CAP_NET_RAW, not root: e.g. systemd AmbientCapabilities=CAP_NET_RAW, "
         "or setpriv --reuid=USER --regid=GROUP --clear-groups --inh-caps=+net_raw "
         "--ambient-caps=+net_raw ddump-worker. Stops cleanly on SIGTERM or SIGINT.",
@@ -105,10 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         "-listen",
         metavar="ADDR",
-        default=DEFAULT_LISTEN,
-        help=f"[host]:port (IPv6 as [::1]:{DEFAULT_PORT}; port 0 picks a free one) or "
-        f"unix:/path (default {DEFAULT_LISTEN}: every address). Traffic on the listening TCP "
-        "port is never captured (only on the bound address, if one is given).",
+        help=f"[host]:port (IPv6 as [::1]:{DEFAULT_PORT}; port 0 picks a free one; "
+        f":{DEFAULT_PORT} is every address) or unix:/path. Default {DEFAULT_LISTEN_TEXT}: "
+        "this host only, because whoever reaches the worker reads every packet of the host "
+        "(no TLS, no authentication): serve other hosts through a reverse proxy with TLS and "
+        "authentication (nginx, see the README). Listening on any other address is warned "
+        "about at start and shown by GET /health (exposed). Traffic on the listening TCP port "
+        "is never captured (only on the bound addresses, if given).",
+    )
+    parser.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        type=_network,
+        help="accept connections only from this network or address (e.g. the reverse "
+        "proxy's, 198.51.100.7 or 10.1.0.0/16); connections from elsewhere are closed at once "
+        "and logged. Repeatable; loopback is not implied (add 127.0.0.1 for local checks). "
+        "Default: anyone who reaches the listening address",
     )
     parser.add_argument(
         "--exclude",
@@ -177,6 +158,13 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _network(text: str) -> Network:
+    try:
+        return parse_network(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--allow {text!r}: ")) from None
+
+
 def _octal_mode(text: str) -> int:
     if not text or any(char not in "01234567" for char in text) or int(text, 8) > 0o777:
         raise argparse.ArgumentTypeError(f"expected an octal mode like 0660, got {text!r}")
@@ -221,46 +209,6 @@ def _compile_exclusions(tcpdump: str, expressions: Sequence[str]) -> None:
             raise UsageError(f"--exclude {expression!r}: tcpdump cannot compile it: {message}")
 
 
-def bind(listen: TcpListen | UnixListen, socket_mode: int) -> tuple[list[socket.socket], str]:
-    """Listening sockets and how to name them; raise UsageError when the address is taken."""
-    if isinstance(listen, UnixListen):
-        _refuse_live_socket(listen.path)
-        try:
-            sock = bind_unix_socket(listen.path, mode=socket_mode)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot listen on unix:{listen.path}: {error}") from None
-        return [sock], f"unix:{listen.path}"
-    try:
-        sockets = bind_sockets(listen.port, address=listen.host)
-    except OSError as error:
-        where = f"{listen.host or ''}:{listen.port}"
-        raise UsageError(f"cannot listen on {where}: {error.strerror or error}") from None
-    names = []
-    for sock in sockets:
-        host, port = sock.getsockname()[:2]
-        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    return sockets, " ".join(names)
-
-
-def _refuse_live_socket(path: str) -> None:
-    """A socket file nobody answers on is stale and gets replaced; a live one is an error."""
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return  # bind_unix_socket refuses to remove anything but a socket
-    except FileNotFoundError:
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as error:
-        if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return
-        raise UsageError(f"cannot check unix:{path}: {error}") from None
-    finally:
-        probe.close()
-    raise UsageError(f"unix:{path} is in use by another process; stop it or pick another path")
-
-
 def _self_exclusions(sockets: Sequence[socket.socket]) -> list[str]:
     tcp = [sock for sock in sockets if sock.family in (socket.AF_INET, socket.AF_INET6)]
     if not tcp:
@@ -271,7 +219,13 @@ def _self_exclusions(sockets: Sequence[socket.socket]) -> list[str]:
 
 async def serve(args: argparse.Namespace) -> int:
     """Run the worker until SIGTERM or SIGINT; then end every capture and return 0."""
-    listen = parse_listen(args.listen)
+    listens = listen_addresses(args.listen)
+    unix_path = next((listen.path for listen in listens if isinstance(listen, UnixListen)), None)
+    if unix_path is not None and args.allow:
+        raise UsageError(
+            "--allow applies to TCP clients: on a unix: socket, its file mode (--socket-mode) "
+            "and group decide who may connect"
+        )
     exclusions = _check_exclusions(args.exclude)
     _compile_exclusions(args.tcpdump, exclusions)
     if os.geteuid() == 0:
@@ -281,9 +235,9 @@ async def serve(args: argparse.Namespace) -> int:
         )
     if shutil.which(args.tcpdump) is None:
         log.warning("%s; captures will get 503 until then", missing_tcpdump_message(args.tcpdump))
-    sockets, where = bind(listen, args.socket_mode)
-    unix_path = listen.path if isinstance(listen, UnixListen) else None
+    sockets, where = bind(listens, args.socket_mode)
     unix_inode = os.stat(unix_path).st_ino if unix_path else None
+    refusals = RefusalLog()
     state = WorkerState(
         tcpdump=args.tcpdump,
         exclusions=tuple(_self_exclusions(sockets) + exclusions),
@@ -293,6 +247,9 @@ async def serve(args: argparse.Namespace) -> int:
         pipe_size=pipe_size_for(args.max_captures),
         unix_socket=unix_path is not None,
         share=args.share,
+        exposed=tuple(exposed(sockets)),
+        allow=tuple(str(network) for network in args.allow),
+        refusals=refusals,
     )
     # Room for the longest filter we accept, fully percent-encoded: a longer request line would
     # be cut by Tornado with a reset instead of our 400 that names the limit.
@@ -306,15 +263,21 @@ async def serve(args: argparse.Namespace) -> int:
         body_timeout=BODY_TIMEOUT_S,
     )
     server.max_connections = max_connections
+    server.allow = tuple(args.allow)
+    server.refusals = refusals
     server.add_sockets(sockets)
     log.info(
-        "listening on %s (pid %d); never capturing: %s; at most %d captures, %d connections",
+        "listening on %s (pid %d); never capturing: %s; at most %d captures, %d connections%s",
         where,
         os.getpid(),
         " and ".join(f"({e})" for e in state.exclusions) or "-",
         args.max_captures,
         max_connections,
+        "; clients from " + " ".join(state.allow) + " only" if state.allow else "",
     )
+    if state.exposed:
+        log.warning("%s", exposure_warning(state.exposed, args.allow))
+    checked = asyncio.ensure_future(_check_capture(state))
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -340,8 +303,19 @@ async def serve(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signum)
         if unix_path is not None:
             _remove_socket(unix_path, unix_inode)
+    checked.cancel()
     log.info("stopped")
     return 0
+
+
+async def _check_capture(state: WorkerState) -> None:
+    """Say at start, not at the first capture, when this worker cannot capture at all."""
+    reason = await capture_check(state)
+    if reason is not None:
+        log.warning(
+            "cannot capture: %s; GET /health answers 503 until this is fixed",
+            "; ".join(line.strip() for line in reason.splitlines()),
+        )
 
 
 def _remove_socket(path: str, inode: int | None) -> None:
