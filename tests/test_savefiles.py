@@ -417,3 +417,18 @@ def test_the_status_line_names_the_current_file_and_counts_the_files(tmp_path: P
     assert b"1/1 targets capturing, 3 packets" in seen
     assert f"MB to {out}".encode() in seen  # one file so far: named, not counted
     assert f"3 packets written to {out}".encode() in seen
+
+
+def test_a_rotated_name_that_is_an_input_file_is_never_written(tmp_path: Path) -> None:
+    sources = inputs(tmp_path, packets=1000)
+    victim = tmp_path / "in0.pcap1"
+    Path(sources[0]).rename(victim)  # an input named as the second file of -w in0.pcap -C
+    before = victim.read_bytes()
+
+    result = run_ddump(str(victim), *sources[1:], "-w", str(tmp_path / "in0.pcap"), "-C", "0.05")
+
+    assert result.returncode == 1
+    assert f"-w {victim} is the input file" in result.stderr
+    assert "the capture stopped" in result.stderr
+    assert victim.read_bytes() == before
+    assert assert_readable(tmp_path / "in0.pcap") > 0

@@ -196,7 +196,12 @@ def run(options: Options, reporter: Reporter, output: Output | None = None) -> E
         if options.rotation.rotates or compression_of(options.write):
             from ddump.cli.savefiles import RotatingOutput
 
-            output = RotatingOutput(options.rotation, reporter)
+            # Each file's name is checked as it comes: `-C` could reach an input's (x.pcap1).
+            output = RotatingOutput(
+                options.rotation,
+                reporter,
+                lambda path: refuse_to_overwrite_an_input(path, targets),
+            )
         else:
             output = PcapOutput.open(options.write)
     if options.format == "pcapng":

@@ -19,7 +19,7 @@ import operator
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, NoReturn
 
 from ddump import __version__
@@ -91,9 +91,16 @@ class SaveFile:
 class RotatingOutput:
     """Writes the capture to files as -C/-G/-W say, compressed when the name ends in .gz."""
 
-    def __init__(self, rotation: Rotation, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        rotation: Rotation,
+        reporter: Reporter,
+        refuse: Callable[[str], None] | None = None,
+    ) -> None:
+        """`refuse(path)` raises DdumpError for a name that must not be written (an input)."""
         self.rotation = rotation
         self.reporter = reporter
+        self.refuse = refuse
         self.plan = Plan(rotation)
         self.compression = compression_of(rotation.template)
         self.pcapng: PcapngWriter | None = None
@@ -208,6 +215,11 @@ class RotatingOutput:
         return file
 
     def _open(self, path: str) -> None:
+        if self.refuse is not None:
+            try:
+                self.refuse(path)
+            except DdumpError as exc:
+                self._fail(f"{exc}; the capture stopped" if self.files else str(exc))
         try:
             self._file = SaveFile(path, compression=self.compression)
         except OSError as exc:
