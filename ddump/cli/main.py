@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ddump.cli.compress import compression_of
 from ddump.cli.files import (
     FileSource,
     looks_like_file,
@@ -23,7 +24,7 @@ from ddump.cli.files import (
     refuse_to_overwrite_an_input,
 )
 from ddump.cli.options import Options, parse_args
-from ddump.cli.output import PcapOutput
+from ddump.cli.output import Output, PcapOutput
 from ddump.cli.report import Reporter
 from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
@@ -206,7 +207,7 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) -> ExitStatus:
+def run(options: Options, reporter: Reporter, output: Output | None = None) -> ExitStatus:
     """Capture as `options` say, into `output` (default: -w); the extcap passes its FIFO."""
     targets = collect_targets(options, reporter.warn)
     raise_open_files_limit()
@@ -214,7 +215,17 @@ def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) 
     check_tls(targets, contexts)
     if output is None:
         refuse_to_overwrite_an_input(options.write, targets)
-        output = PcapOutput.open(options.write)
+        if options.rotation.rotates or compression_of(options.write):
+            from ddump.cli.savefiles import RotatingOutput
+
+            # Each file's name is checked as it comes: `-C` could reach an input's (x.pcap1).
+            output = RotatingOutput(
+                options.rotation,
+                reporter,
+                lambda path: refuse_to_overwrite_an_input(path, targets),
+            )
+        else:
+            output = PcapOutput.open(options.write)
     if options.format == "pcapng":
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 

@@ -85,11 +85,13 @@ class Reporter:
             self._status_shown = False
             self._emit("\r\x1b[K")
 
-    def summary(self, counts: list[TargetCounts], written: int, late: int) -> None:
+    def summary(self, counts: list[TargetCounts], written: int, late: int, where: str = "") -> None:
+        """`where`: " to 5 files, the last x.pcap4" when the output says more than -w did."""
         if self.quiet:
             return
         width = max((len(c.name) for c in counts), default=0)
-        lines = [f"ddump: {written} packets written" + (f", {late} of them late" if late else "")]
+        late_note = f", {late} of them late" if late else ""
+        lines = [f"ddump: {written} packets written{where}{late_note}"]
         for c in counts:
             what = f"{c.packets} packets, {c.bytes} bytes"
             if c.late:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ddump import records as batches
 from ddump.cli.files import FileReader, FileSource, FileStream
-from ddump.cli.output import OutputClosed, PcapOutput
+from ddump.cli.output import Output, OutputClosed
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.sources import Opened, StreamFailure
 from ddump.cli.tls import ContextCache
@@ -96,7 +96,7 @@ class Session:
         self,
         targets: list[Target | SshTarget | FileSource],
         contexts: ContextCache,
-        output: PcapOutput,
+        output: Output,
         reporter: Reporter,
         settings: SessionSettings,
     ) -> None:
@@ -179,13 +179,15 @@ class Session:
                 await self.output.flush()
             except DdumpError:
                 pass  # kept in output.error
+        else:
+            await self.output.flush()  # it may still run something (-z on the last file)
         self._take_output_error()
         self.reporter.clear_status()
         late = sum(s.late for s in self.merger.streams)
         for r in self.runs:
             r.counts.late = self.merger.streams[r.index].late
         written = self.output.records
-        self.reporter.summary([r.counts for r in self.runs], written, late)
+        self.reporter.summary([r.counts for r in self.runs], written, late, self.output.where)
 
     async def _collect_tcpdump_counts(self) -> None:
         """Ask each worker for tcpdump's counts: its kernel drops are packets nobody will see."""
@@ -790,7 +792,7 @@ class Session:
             self._release()
             if self.output.reader_gone():
                 self._take_output_error()
-                self.stop("output closed")
+                self.stop(str(self.output.error or "output closed"))
             now = loop.time()
             if self.reporter.live and now >= next_status:
                 packets = self.output.records
@@ -800,7 +802,7 @@ class Session:
                 capturing = sum(r.counts.state == "capturing" for r in self.runs)
                 self.reporter.status(
                     f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
-                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
+                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB{self.output.where}"
                 )
 
 
