@@ -15,8 +15,10 @@ from typing import Any, TypeVar
 import yaml
 
 from ddump.errors import UsageError
+from ddump.inventory_ssh import is_ssh, ssh_target
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import BATCH_PARAM, DEFAULT_PORT
+from ddump.ssh_targets import SshTarget, check_ssh_option
 from ddump.targets import (
     DEFAULT_PATH,
     Endpoint,
@@ -33,6 +35,7 @@ from ddump.targets import (
 _STR, _INT, _OPTIONAL_STR = "a string", "an integer", "a string or null"
 _OPTIONAL_INT = "an integer or null"
 _OPTIONAL_BOOL = "true, false or null"
+_STR_LIST = "a list of strings"
 # null is allowed where it means "none" (no filter, no password, ...), to undo a default.
 _DEFAULT_KEYS = {
     "scheme": _STR,
@@ -47,7 +50,12 @@ _DEFAULT_KEYS = {
     "ca": _OPTIONAL_STR,
     "cert": _OPTIONAL_STR,
     "key": _OPTIONAL_STR,
+    # scheme: ssh only (ddump/ssh_targets.py)
+    "user": _OPTIONAL_STR,
+    "sudo": _OPTIONAL_BOOL,
+    "ssh_options": _STR_LIST,
 }
+_SSH_ONLY = ("user", "sudo", "ssh_options")
 _TARGET_KEYS = {"name": _STR, "url": _STR, "host": _STR, **_DEFAULT_KEYS}
 _NODE = ""  # kept as a node, checked by its reader
 _TOP_KEYS = {"defaults": _NODE, "targets": _NODE, "groups": _NODE}
@@ -74,7 +82,7 @@ def load_inventory(
     *,
     environ: Mapping[str, str] = os.environ,
     overrides: Mapping[str, object] | None = None,
-) -> list[Target]:
+) -> list[Target | SshTarget]:
     """Read an inventory; return all its targets, or only those of `groups` when given.
 
     `overrides` ("filter", "snaplen", "batch": what the command line says) win over the
@@ -102,7 +110,7 @@ class _Inventory:
     def error(self, node: yaml.Node, message: str) -> UsageError:
         return UsageError(f"{self.path}:{node.start_mark.line + 1}: {message}")
 
-    def load(self, data: bytes, selected: Sequence[str]) -> list[Target]:
+    def load(self, data: bytes, selected: Sequence[str]) -> list[Target | SshTarget]:
         try:
             root = yaml.compose(data, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as error:
@@ -123,7 +131,7 @@ class _Inventory:
         chosen = _unique(self.select(groups, selected)) if selected else every
         chosen_ids = {id(node) for node in chosen}
         # Every target is checked, chosen or not; only the chosen ones read their password.
-        built: dict[int, Target] = {}
+        built: dict[int, Target | SshTarget] = {}
         names: dict[str, yaml.Node] = {}
         for node in every:
             target, name_node = self.target(node, defaults, id(node) in chosen_ids)
@@ -210,6 +218,9 @@ class _Inventory:
             if name not in kinds:
                 raise self.error(key, f"unknown key {name!r} {where} (known: {', '.join(kinds)})")
             kind = kinds[name]
+            if kind == _STR_LIST:
+                settings[name] = _Setting(self.ssh_options(value_node, name), value_node)
+                continue
             value = value_node if kind == _NODE else self.value(value_node)
             if kind != _NODE and not _has_kind(value, kind):
                 hint = (
@@ -222,6 +233,18 @@ class _Inventory:
                 )
             settings[name] = _Setting(value, value_node)
         return settings
+
+    def ssh_options(self, node: yaml.Node, name: str) -> tuple[str, ...]:
+        """A list of ssh `-o` values, each checked on its own line."""
+        options = []
+        for item in self.sequence(node, name):
+            value = self.value(item)
+            if not isinstance(value, str):
+                raise self.error(
+                    item, f"{name} holds strings (Key=Value), not {self.describe(item)}"
+                )
+            options.append(self.check(item, check_ssh_option, value))
+        return tuple(options)
 
     def value(self, node: yaml.Node) -> object:
         if not isinstance(node, yaml.ScalarNode):
@@ -244,7 +267,7 @@ class _Inventory:
 
     def target(
         self, node: yaml.Node, defaults: _Settings, read_password: bool
-    ) -> tuple[Target, yaml.Node | None]:
+    ) -> tuple[Target | SshTarget, yaml.Node | None]:
         if isinstance(node, yaml.MappingNode):
             own = self.settings(node, _TARGET_KEYS, "in a target")
         elif isinstance(node, yaml.ScalarNode) and isinstance(self.value(node), str):
@@ -255,14 +278,19 @@ class _Inventory:
             )
         if "url" in own and "host" in own:
             raise self.error(own["host"].node, "give 'url' or 'host', not both")
+        # What the user typed now beats what the inventory says for every target.
+        typed = {name: _Setting(value, node) for name, value in self.overrides.items()}
+        if is_ssh(own, defaults):
+            return ssh_target(self, own, defaults, typed)
+        for only in _SSH_ONLY:
+            if only in own:
+                raise self.error(own[only].node, f"{only} is for ssh targets (scheme: ssh)")
         if "url" in own:
             endpoint = self.url_endpoint(own)
         elif "host" in own:
             endpoint = self.host_endpoint(own, defaults)
         else:
             raise self.error(node, "a target needs 'host' or 'url'")
-        # What the user typed now beats what the inventory says for every target.
-        typed = {name: _Setting(value, node) for name, value in self.overrides.items()}
         merged = {**defaults, **typed, **own}
         endpoint = self.with_snaplen(endpoint, merged.get("snaplen"))
         endpoint = with_param(endpoint, BATCH_PARAM, _flag_text(merged.get(BATCH_PARAM)))

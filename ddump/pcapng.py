@@ -332,9 +332,15 @@ class PcapngWriter:
             self.packets[_U32.unpack_from(epb, 8)[0]] -= 1
 
     def statistics(
-        self, end_ns: int, capture_counts: Mapping[int, CaptureCounts] | None = None
+        self,
+        end_ns: int,
+        capture_counts: Mapping[int, CaptureCounts] | None = None,
+        delivered: Sequence[int] | None = None,
     ) -> bytes:
         """The ISBs to end the file (after any IDB still queued).
+
+        `delivered`, when given, replaces the packets encoded per interface as isb_usrdeliv:
+        a rotated file that is not the last ends with the packets written up to its end.
 
         Each interface gets isb_usrdeliv (its packets written), isb_starttime (when its target
         started capturing) and isb_endtime. tcpdump's counts are for its whole `any` capture,
@@ -349,6 +355,8 @@ class PcapngWriter:
                 state.whole_id = self._interface(state, None)
         blocks = [self.take_blocks()]
         for interface, packets in enumerate(self.packets):
+            if delivered is not None:
+                packets = delivered[interface] if interface < len(delivered) else 0
             target = self._interface_target[interface]
             state = self._targets[target]
             items = []

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol, TypeVar
 from urllib.parse import quote, unquote, unquote_plus
 
 from ddump.errors import UsageError
@@ -268,7 +269,21 @@ def _redact_url(match: re.Match[str]) -> str:
     return f"{scheme}{user}:***@{hostpart}"
 
 
-def unique_names(targets: Sequence[Target]) -> list[Target]:
+class _Named(Protocol):
+    """A target dataclass (a worker's or an SSH one): what naming needs of it."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def filter(self) -> str | None: ...
+
+
+_T = TypeVar("_T", bound=_Named)
+
+
+def unique_names(targets: Sequence[_T]) -> list[_T]:
     """Make names unique: targets sharing a name but not a filter get the filter appended,
     and remaining duplicates get "#2", "#3", ... ("a", "a" -> "a", "a#2")."""
     filters: dict[str, set[str | None]] = {}
@@ -297,6 +312,7 @@ def unique_names(targets: Sequence[Target]) -> list[Target]:
 def _short(capture_filter: str | None) -> str:
     if capture_filter is None:
         return "no filter"
+    capture_filter = " ".join(capture_filter.split())  # one line, whatever it holds
     if len(capture_filter) > _NAME_FILTER_MAX:
         return capture_filter[: _NAME_FILTER_MAX - 1] + "…"
     return capture_filter

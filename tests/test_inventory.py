@@ -12,6 +12,7 @@ from ddump.cli.main import collect_targets
 from ddump.cli.options import parse_args
 from ddump.errors import UsageError
 from ddump.inventory import load_inventory
+from ddump.ssh_targets import SshTarget
 from ddump.targets import Target
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "configs" / "fleet.yaml"
@@ -25,7 +26,9 @@ def write(directory: Path, text: str, name: str = "fleet.yaml") -> str:
 
 
 def load(directory: Path, text: str, *groups: str, **environ: str) -> list[Target]:
-    return load_inventory(write(directory, text), groups, environ=environ)
+    targets = load_inventory(write(directory, text), groups, environ=environ)
+    assert all(isinstance(t, Target) for t in targets)
+    return targets  # type: ignore[return-value]
 
 
 def error_of(
@@ -253,7 +256,13 @@ def test_merge_keys_share_settings_between_targets(tmp_path: Path) -> None:
 def test_the_example_inventory_loads_as_documented(tmp_path: Path) -> None:
     copy = write(tmp_path, EXAMPLE.read_text())
     write(tmp_path, "edge-secret\n", "secrets/edge.pass")
-    targets = load_inventory(copy, environ={"DDUMP_PASSWORD": "pw"})
+    every = load_inventory(copy, environ={"DDUMP_PASSWORD": "pw"})
+    over_ssh = [t for t in every if isinstance(t, SshTarget)]
+    assert [(t.name, t.user, t.sudo, t.ssh_options) for t in over_ssh] == [
+        ("cache-1", "ops", True, ("ProxyJump=bastion.example.net",)),
+        ("cache-2.example.net", "ops", True, ()),
+    ]
+    targets = [t for t in every if isinstance(t, Target)]
     assert [(t.name, t.username, t.password) for t in targets] == [
         ("web-1.example.net:443", "ops", "pw"),
         ("db-1", None, None),

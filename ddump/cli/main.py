@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from ddump.cli.compress import compression_of
 from ddump.cli.files import (
     FileSource,
     looks_like_file,
@@ -23,12 +24,13 @@ from ddump.cli.files import (
     refuse_to_overwrite_an_input,
 )
 from ddump.cli.options import Options, parse_args
-from ddump.cli.output import PcapOutput
+from ddump.cli.output import Output, PcapOutput
 from ddump.cli.report import Reporter
 from ddump.cli.session import Session, SessionSettings
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
 from ddump.protocol import BATCH_PARAM
+from ddump.ssh_targets import SUDO_PARAM, SshTarget, is_ssh_url, parse_ssh_target
 from ddump.targets import Target, parse_target, redact, unique_names
 
 PASSWORD_ENV = "DDUMP_PASSWORD"
@@ -46,15 +48,19 @@ class ExitStatus(enum.IntEnum):
 
 def collect_targets(
     options: Options, warn: Callable[[str], None] = lambda _: None
-) -> list[Target | FileSource]:
+) -> list[Target | SshTarget | FileSource]:
     """Targets from the arguments (URLs or capture files), then the inventories, in order.
 
     Settings come, from the strongest: the target's own (its URL, its inventory keys), the
     command line (--filter, -s, --batch), the inventory's defaults. `warn` hears of repeats.
     """
-    sources: list[Target | FileSource] = []
+    sources: list[Target | SshTarget | FileSource] = []
     for arg in options.urls:
-        if looks_like_file(arg):
+        if is_ssh_url(arg):
+            sources.append(
+                with_ssh_defaults(parse_ssh_target(arg, default_filter=options.filter), options)
+            )
+        elif looks_like_file(arg):
             sources.append(parse_file_source(arg))
         else:
             target = with_url_password(parse_target(arg, default_filter=options.filter))
@@ -65,6 +71,8 @@ def collect_targets(
     typed = {name: value for name, value in typed.items() if value is not None}
     if options.batch:
         typed[BATCH_PARAM] = True
+    if options.sudo:
+        typed[SUDO_PARAM] = True  # for ssh targets only
     for path in options.inventories:
         sources += load_inventory(path, options.groups, overrides=typed)
     if not sources:
@@ -72,8 +80,21 @@ def collect_targets(
     if sum(isinstance(s, FileSource) and s.path == "-" for s in sources) > 1:
         raise UsageError("standard input (-) can be given once")
     sources = without_repeats(sources, warn)
-    named = iter(unique_names([s for s in sources if isinstance(s, Target)]))
-    return [next(named) if isinstance(s, Target) else s for s in sources]
+    named = iter(unique_names([s for s in sources if isinstance(s, Target | SshTarget)]))
+    return [next(named) if isinstance(s, Target | SshTarget) else s for s in sources]
+
+
+def with_ssh_defaults(
+    target: SshTarget, options: Options, default_filter: str | None = None
+) -> SshTarget:
+    """-s, --batch, --sudo (and --filter, for inventory targets) where the target gives none."""
+    return replace(
+        target,
+        filter=target.filter if target.filter is not None else default_filter,
+        snaplen=target.snaplen if target.snaplen is not None else options.snaplen,
+        batch=target.batch or options.batch,
+        sudo=target.sudo or options.sudo,
+    )
 
 
 def with_url_password(target: Target) -> Target:
@@ -95,18 +116,18 @@ def with_url_password(target: Target) -> Target:
 
 
 def without_repeats(
-    sources: list[Target | FileSource], warn: Callable[[str], None]
-) -> list[Target | FileSource]:
+    sources: list[Target | SshTarget | FileSource], warn: Callable[[str], None]
+) -> list[Target | SshTarget | FileSource]:
     """Keep the first of targets that are one capture (a host in two inventory groups):
     captured twice, every packet of it would be written twice."""
-    first: dict[object, Target | FileSource] = {}
-    kept: list[Target | FileSource] = []
+    first: dict[object, Target | SshTarget | FileSource] = {}
+    kept: list[Target | SshTarget | FileSource] = []
     for source in sources:
         key = _capture_key(source)
         seen = first.setdefault(key, source)
         if seen is source:
             kept.append(source)
-        elif isinstance(source, Target):
+        elif isinstance(source, Target | SshTarget):
             where = f" ({source.name})" if source.name != seen.name else ""
             warn(f"{redact(source.url)}{where} is given twice: captured once, as {seen.name}")
         else:
@@ -114,9 +135,11 @@ def without_repeats(
     return kept
 
 
-def _capture_key(source: Target | FileSource) -> object:
+def _capture_key(source: Target | SshTarget | FileSource) -> object:
     """What makes two sources one capture: the request URL (query included, after defaults),
     or a file's device and inode."""
+    if isinstance(source, SshTarget):
+        return ("ssh", source.url.lower(), source.ssh_options)
     if isinstance(source, Target):
         parts = urlsplit(source.url)
         return ("url", urlunsplit(parts._replace(netloc=parts.netloc.lower())))
@@ -147,7 +170,7 @@ def with_worker_defaults(target: Target, options: Options) -> Target:
     return target
 
 
-def check_tls(targets: list[Target | FileSource], contexts: ContextCache) -> None:
+def check_tls(targets: list[Target | SshTarget | FileSource], contexts: ContextCache) -> None:
     """Load every TLS file now, so a typo fails before anything connects."""
     for target in targets:
         if isinstance(target, Target) and target.url.startswith("https:"):
@@ -191,7 +214,7 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) -> ExitStatus:
+def run(options: Options, reporter: Reporter, output: Output | None = None) -> ExitStatus:
     """Capture as `options` say, into `output` (default: -w); the extcap passes its FIFO."""
     targets = collect_targets(options, reporter.warn)
     raise_open_files_limit()
@@ -199,7 +222,17 @@ def run(options: Options, reporter: Reporter, output: PcapOutput | None = None) 
     check_tls(targets, contexts)
     if output is None:
         refuse_to_overwrite_an_input(options.write, targets)
-        output = PcapOutput.open(options.write)
+        if options.rotation.rotates or compression_of(options.write):
+            from ddump.cli.savefiles import RotatingOutput
+
+            # Each file's name is checked as it comes: `-C` could reach an input's (x.pcap1).
+            output = RotatingOutput(
+                options.rotation,
+                reporter,
+                lambda path: refuse_to_overwrite_an_input(path, targets),
+            )
+        else:
+            output = PcapOutput.open(options.write)
     if options.format == "pcapng":
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 

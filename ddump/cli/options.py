@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ddump import __version__
+from ddump.cli.compress import check_available, without_compression
+from ddump.cli.rotation import Rotation, check, parse_size
 from ddump.errors import UsageError
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.records import ENGINE
@@ -27,6 +29,10 @@ out of the process list (unset or empty is an error; USER:@ means no password). 
 defaults to 8475 (for https too), the path to /capture; percent-encode the filter (e.g.
 ?filter=tcp%20port%2080), and an IPv6 zone as %25 (http://[fe80::1%25eth0]). Targets can
 also come from an inventory (-f fleet.yaml).
+A TARGET may also be a host reached over SSH, where only tcpdump is needed (no worker):
+  ssh://[USER@]HOST[:PORT][?filter=BPF&snaplen=N&count=N&duration=S&batch=1&sudo=1]
+It runs your ssh client (your ~/.ssh/config, agent and known_hosts; never a prompt, never a
+password in the URL); sudo=1 (or --sudo) runs tcpdump with `sudo -n`.
 A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
 by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
 
@@ -41,6 +47,10 @@ examples:
   ddump -f fleet.yaml --group web --filter 'tcp port 443' -w web.pcap
   ddump --ca ca.pem --cert me.pem --key me.key 'https://ops@db-1:443/capture?filter=icmp'
   ddump web-1.pcap web-2.pcap -w merged.pcap
+  ddump ssh://web-1 'ssh://ops@db-1:2222?filter=tcp%20port%205432&sudo=1' | tcpdump -nl -r -
+  ddump -f fleet.yaml -w 'fleet-%Y%m%d-%H%M%S.pcap' -G 600     # a new file every 10 min
+  ddump -f fleet.yaml -w fleet.pcapng -C 100 -W 20              # a ring of 20 x 100 MB
+  ddump -f fleet.yaml -w fleet.pcap.gz                          # gzip, flushed every second
   ddump-extcap --install    # then "ddump" is a capture interface of Wireshark and tshark
 
 exit status:
@@ -66,8 +76,10 @@ class Options:
     filter: str | None
     snaplen: int | None
     batch: bool
+    sudo: bool
     write: str
     format: str  # pcap | pcapng
+    rotation: Rotation  # -w with -C, -G, -W, -z
     count: int | None
     duration_ns: int | None
     max_delay_ns: int
@@ -106,6 +118,29 @@ def _snaplen(text: str) -> int:
     if value > DEFAULT_SNAPLEN:
         raise argparse.ArgumentTypeError(f"at most {DEFAULT_SNAPLEN} (a whole packet)")
     return value
+
+
+def _file_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _whole_seconds(text: str) -> int:
+    return _positive_int(text) * 10**9
+
+
+_NOT_WRITTEN = (".zstd", ".xz", ".bz2", ".lz4")  # read by tshark, but not written here
+
+
+def _output_name(text: str) -> str:
+    if text.lower().endswith(_NOT_WRITTEN):
+        raise argparse.ArgumentTypeError(
+            f"{text}: ddump compresses only to gzip (.gz) and zstd (.zst): name the file so, "
+            "or compress each finished file with -z"
+        )
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -189,10 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
         "drops), but a packet may reach the output about 1 s later: the merge waits that "
         "much longer for those targets, and so does a stop (a second Ctrl-C stops at once)",
     )
+    targets.add_argument(
+        "--sudo",
+        action="store_true",
+        help="ssh:// targets that do not give ?sudo= run tcpdump with `sudo -n` (never a "
+        "password prompt: the remote sudoers must allow tcpdump without one)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument(
-        "-w", dest="write", default="-", metavar="FILE", help="write the pcap to FILE (- = stdout)"
+        "-w",
+        dest="write",
+        type=_output_name,
+        default="-",
+        metavar="FILE",
+        help="write the pcap to FILE (- = stdout); a name ending in .gz is written as gzip "
+        "(.zst: zstd, with the zstandard module), readable up to the last second if ddump is "
+        "killed (see -C/-G for rotated files)",
     )
     output.add_argument(
         "--format",
@@ -217,6 +265,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest time a quiet target may hold back the others' packets; packets that "
         "arrive later than this are still written, out of place, and counted as late "
         "(default 250ms)",
+    )
+
+    files = parser.add_argument_group(
+        "rotated files (as tcpdump's; each a whole capture, and in order the whole merge)"
+    )
+    files.add_argument(
+        "-C",
+        dest="file_size",
+        type=_file_size,
+        metavar="SIZE",
+        help="start a new file when the current one is larger than SIZE millions of bytes "
+        "(before compression; e.g. 100, 0.5); the next files are named FILE1, FILE2, ...",
+    )
+    files.add_argument(
+        "-G",
+        dest="rotate_seconds",
+        type=_whole_seconds,
+        metavar="SECONDS",
+        help="start a new file every SECONDS, named by strftime from -w "
+        "(e.g. -w 'fleet-%%Y%%m%%d-%%H%%M%%S.pcap', local time)",
+    )
+    files.add_argument(
+        "-W",
+        dest="file_count",
+        type=_positive_int,
+        metavar="N",
+        help="with -C: a ring of N files (FILE00..FILE19 for 20), the oldest replaced first; "
+        "with -G: stop after N files",
+    )
+    files.add_argument(
+        "-z",
+        dest="postrotate",
+        metavar="COMMAND",
+        help="run COMMAND FILE on each finished file, without a shell (e.g. -z gzip; a "
+        "program, no arguments: use a script for more); a failure is reported, not fatal",
     )
 
     connection = parser.add_argument_group("connection")
@@ -267,6 +350,12 @@ def parse_args(argv: Sequence[str]) -> Options:
     groups = tuple(g.strip() for arg in ns.group for g in arg.split(",") if g.strip())
     if groups and not ns.inventory:
         raise UsageError("--group selects inventory groups: it needs -f FLEET.yaml")
+    rotation = Rotation(
+        ns.write, ns.file_size, ns.rotate_seconds, ns.file_count, _program(ns.postrotate)
+    )
+    check(rotation)
+    check_available(ns.write)
+    plain_name = without_compression(ns.write).lower()
     return Options(
         urls=tuple(ns.urls),
         inventories=tuple(ns.inventory),
@@ -274,8 +363,10 @@ def parse_args(argv: Sequence[str]) -> Options:
         filter=ns.filter,
         snaplen=ns.snaplen,
         batch=ns.batch,
+        sudo=ns.sudo,
         write=ns.write,
-        format=ns.format or ("pcapng" if ns.write.lower().endswith(".pcapng") else "pcap"),
+        format=ns.format or ("pcapng" if plain_name.endswith(".pcapng") else "pcap"),
+        rotation=rotation,
         count=ns.count,
         duration_ns=ns.duration,
         max_delay_ns=ns.max_delay,
@@ -288,3 +379,15 @@ def parse_args(argv: Sequence[str]) -> Options:
         verbose=ns.verbose,
         traceback=ns.traceback,
     )
+
+
+def _program(command: str | None) -> str | None:
+    """-z's program, found now: a typo or `-z 'gzip -9'` is a usage error, not N warnings."""
+    if command is None:
+        return None
+    import shutil  # only with -z (its import costs ~2 ms, see _HelpFormatter)
+
+    if shutil.which(command) is None:
+        hint = " (a program without arguments, as tcpdump takes it)" if " " in command else ""
+        raise UsageError(f"-z {command}: no such program{hint}")
+    return command

@@ -15,7 +15,7 @@ import select
 import stat
 import time
 from collections.abc import Mapping
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from ddump import __version__
 from ddump.errors import DdumpError
@@ -28,6 +28,39 @@ HIGH_WATER = 4 * 1024 * 1024
 
 class OutputClosed(DdumpError):
     """The reader went away (`| head`, `| tcpdump -c 5`): a quiet, normal end."""
+
+
+class Output(Protocol):
+    """What the session writes to: PcapOutput (one file or a pipe), or rotated files."""
+
+    pcapng: PcapngWriter | None
+    section_comment: str | None
+    linktype: int | None
+    records: int
+    bytes: int
+    error: DdumpError | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def where(self) -> str:
+        """Where the capture goes, for the status line and the summary ("" if obvious)."""
+        ...
+
+    def write(self, records: Records) -> None: ...
+
+    def finish(self, capture_counts: Mapping[int, CaptureCounts] | None = None) -> None: ...
+
+    def drained(self) -> asyncio.Future[None] | None: ...
+
+    def wake_all(self) -> None: ...
+
+    def reader_gone(self) -> bool: ...
+
+    async def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class PcapOutput:
@@ -177,6 +210,10 @@ class PcapOutput:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def where(self) -> str:
+        return ""
 
     def reader_gone(self) -> bool:
         """True when the pipe's reader has exited, even if we have nothing to write yet."""

@@ -110,14 +110,23 @@ class Reporter:
             self._emit("\r\x1b[K")
 
     def summary(
-        self, counts: list[TargetCounts], written: int, late: int, ended_ns: int | None = None
+        self,
+        counts: list[TargetCounts],
+        written: int,
+        late: int,
+        where: str = "",
+        ended_ns: int | None = None,
     ) -> None:
-        """The figures per target; every gap with its times and cause; whether it is partial."""
+        """The figures per target; every gap with its times and cause; whether it is partial.
+
+        `where`: " to 5 files, the last x.pcap4" when the output says more than -w did.
+        """
         if self.quiet:
             return
         ended_ns = time.time_ns() if ended_ns is None else ended_ns
         width = max((len(c.name) for c in counts), default=0)
-        lines = [f"ddump: {written} packets written" + (f", {late} of them late" if late else "")]
+        late_note = f", {late} of them late" if late else ""
+        lines = [f"ddump: {written} packets written{where}{late_note}"]
         for c in counts:
             what = f"{c.packets} packets, {c.bytes} bytes"
             if c.late:

@@ -22,7 +22,7 @@ from ddump.cli.ends import (
     retry_delay,
 )
 from ddump.cli.files import FileReader, FileSource, FileStream
-from ddump.cli.output import OutputClosed, PcapOutput
+from ddump.cli.output import Output, OutputClosed
 from ddump.cli.report import Gap, Reporter, TargetCounts
 from ddump.cli.sources import Opened, StreamFailure, StreamStalled
 from ddump.cli.tls import ContextCache
@@ -40,9 +40,11 @@ from ddump.pcap import (
 from ddump.pcapng import CaptureCounts
 from ddump.protocol import BATCH_DELAY_NS, BATCH_PARAM, flag_value
 from ddump.records import Records
+from ddump.ssh_targets import SshTarget
 from ddump.targets import Target, redact
 
 if TYPE_CHECKING:
+    from ddump.cli.ssh import SshStream
     from ddump.cli.stream import CaptureStream
 
 TICK_S = 0.02
@@ -52,6 +54,7 @@ MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte p
 _COOKED = {LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2}  # what `tcpdump -i any` gives
 STATS_TIMEOUT_S = 2.0  # for every worker to tell tcpdump's counts at the end
 STATS_CONCURRENCY = 16  # asks at once (--reconnect may leave many captures per target)
+_LIVE = (Target, SshTarget)  # captures, with a clock: a worker's, or tcpdump's over SSH
 # A pulled file keeps at most one read block beyond what the merge can write: the blocks of
 # all files together stay within this, each between these bounds.
 FILE_BLOCKS_BUDGET = 64 * 1024 * 1024
@@ -73,10 +76,10 @@ class _Run:
     """One target during the session."""
 
     index: int
-    target: Target | FileSource
+    target: Target | SshTarget | FileSource
     counts: TargetCounts
     decoder: CaptureDecoder | PcapDecoder = field(default_factory=PcapDecoder)
-    stream: CaptureStream | FileStream | None = None
+    stream: CaptureStream | SshStream | FileStream | None = None
     linktype: int | None = None
     clock_offset_ns: int = 0  # worker clock minus ours: at least this...
     clock_offset_high_ns: int = 0  # ...and at most this (a round trip above the headers' low)
@@ -99,9 +102,9 @@ class Session:
 
     def __init__(
         self,
-        targets: list[Target | FileSource],
+        targets: list[Target | SshTarget | FileSource],
         contexts: ContextCache,
-        output: PcapOutput,
+        output: Output,
         reporter: Reporter,
         settings: SessionSettings,
     ) -> None:
@@ -115,7 +118,7 @@ class Session:
             _Run(
                 self.merger.add_stream(
                     t.name,
-                    timed=isinstance(t, Target),
+                    timed=isinstance(t, _LIVE),
                     delay_ns=_delivery_delay_ns(t),
                     pulled=_pulled(t),
                 ),
@@ -171,6 +174,7 @@ class Session:
     async def _finish(self) -> None:
         """Write what is buffered, in order, end the file validly, and sum up."""
         await self._collect_tcpdump_counts()  # first: pcapng ends with them
+        self._warn_of_drops()
         if not self.output.closed:
             try:
                 self._choose_linktype()
@@ -187,6 +191,8 @@ class Session:
                 await self.output.flush()
             except DdumpError:
                 pass  # kept in output.error
+        else:
+            await self.output.flush()  # it may still run something (-z on the last file)
         self._take_output_error()
         self.reporter.clear_status()
         self.reporter.timestamps = False
@@ -194,7 +200,9 @@ class Session:
         for r in self.runs:
             r.counts.late = self.merger.streams[r.index].late
         written = self.output.records
-        self.reporter.summary([r.counts for r in self.runs], written, late, time.time_ns())
+        self.reporter.summary(
+            [r.counts for r in self.runs], written, late, self.output.where, time.time_ns()
+        )
 
     async def _collect_tcpdump_counts(self) -> None:
         """Ask each worker for tcpdump's counts: its kernel drops are packets nobody will see."""
@@ -233,7 +241,6 @@ class Session:
             run.counts.dropped = run.tcpdump.dropped
             if capture_id in run.stalled_captures:
                 run.counts.dropped_while_stalled += answer.dropped or 0
-        self._warn_of_drops()
 
     def _warn_of_drops(self) -> None:
         lost = [r.counts for r in self.runs if r.counts.dropped_while_stalled]
@@ -338,10 +345,13 @@ class Session:
                 self._connect_soon(run)
             packets = run.counts.packets
             try:
-                await run.stream.run(
-                    lambda opened: self._reopened(run, opened),
-                    lambda chunk: self._on_data(run, chunk),
-                )
+                try:
+                    await run.stream.run(
+                        lambda opened: self._reopened(run, opened),
+                        lambda chunk: self._on_data(run, chunk),
+                    )
+                finally:
+                    self._take_ssh_counts(run)
                 if run.refused:
                     raise StreamFailure(run.refused)
                 if self.stopping:
@@ -349,7 +359,7 @@ class Session:
                 self._end_of_body(run)
                 self._check_end(run, run.counts.packets - packets)
                 run.counts.state = "ended"
-                if isinstance(run.target, Target):
+                if isinstance(run.target, _LIVE):
                     self.reporter.info(f"{run.target.name}: ended ({run.counts.packets} packets)")
                 break
             except StreamFailure as exc:
@@ -542,9 +552,29 @@ class Session:
         run.counts.error = message
         (self.reporter.detail if again else self.reporter.error)(f"{run.target.name}: {message}")
 
-    def _open(self, target: Target | FileSource) -> CaptureStream | FileStream:
+    def _take_ssh_counts(self, run: _Run) -> None:
+        """tcpdump's exit counts, which an SSH target's stream read from its stderr."""
+        if not isinstance(run.target, SshTarget) or not run.opened:
+            return
+        answer = getattr(run.stream, "capture_counts", None)
+        if answer is None or answer.dropped is None:
+            run.counts.dropped_unknown += 1
+        known = run.tcpdump or CaptureCounts()
+        if answer is not None:
+            run.tcpdump = CaptureCounts(
+                _add(known.received, answer.received), _add(known.dropped, answer.dropped)
+            )
+            run.counts.dropped = run.tcpdump.dropped
+
+    def _open(
+        self, target: Target | SshTarget | FileSource
+    ) -> CaptureStream | SshStream | FileStream:
         if isinstance(target, FileSource):
             return FileStream(target)
+        if isinstance(target, SshTarget):
+            from ddump.cli.ssh import SshStream
+
+            return SshStream(target, self.settings.connect_timeout_s)
         # Here, not at the top: merging capture files needs neither Tornado nor the network.
         from ddump.cli.stream import CaptureStream
 
@@ -643,7 +673,7 @@ class Session:
         if segment is None or not segment.records or self.stopping or run.refused:
             return
         records = segment.records
-        if self._cutoff_ns is not None and isinstance(run.target, Target):
+        if self._cutoff_ns is not None and isinstance(run.target, _LIVE):
             # In the worker's clock, by the offset's low end: the worker reads its clock just
             # before it answers, so that end is off by the answer's way here (well under a
             # millisecond on a LAN). The high end adds the whole request, tcpdump's start
@@ -653,7 +683,7 @@ class Session:
             if not records:
                 return
         run.counts.packets += len(records)
-        if isinstance(run.target, Target) and (
+        if isinstance(run.target, _LIVE) and (
             self.merger.streams[run.index].started or not run.clock_known
         ):
             self._learn_clock(run, batches.last_ts(records))
@@ -715,15 +745,15 @@ class Session:
         if self.output.pcapng is None or linktype is None or snaplen is None:
             return
         target, opened = run.target, run.opened
-        is_worker = isinstance(target, Target)
+        is_worker = isinstance(target, _LIVE)
         self.output.pcapng.start_target(
             run.index,
             name=target.name,
-            description=redact(target.url) if isinstance(target, Target) else target.path,
+            description=redact(target.url) if isinstance(target, _LIVE) else target.path,
             linktype=linktype,
             snaplen=snaplen,
             interface_names=opened.interfaces if opened else None,
-            filter=target.filter if isinstance(target, Target) else None,
+            filter=target.filter if isinstance(target, _LIVE) else None,
             device="any" if is_worker else None,
             start_ns=opened.worker_clock_ns if opened else None,
         )
@@ -856,7 +886,7 @@ class Session:
             self._release()
             if self.output.reader_gone():
                 self._take_output_error()
-                self.stop("output closed")
+                self.stop(str(self.output.error or "output closed"))
             now = loop.time()
             if self.reporter.live and now >= next_status:
                 packets = self.output.records
@@ -866,24 +896,26 @@ class Session:
                 capturing = sum(r.counts.state == "capturing" for r in self.runs)
                 self.reporter.status(
                     f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
-                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB"
+                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB{self.output.where}"
                 )
 
 
-def _delivery_delay_ns(target: Target | FileSource) -> int:
+def _delivery_delay_ns(target: Target | SshTarget | FileSource) -> int:
     """How much later than an immediate capture the target's packets may arrive."""
+    if isinstance(target, SshTarget):
+        return BATCH_DELAY_NS if target.batch else 0
     if not isinstance(target, Target):
         return 0
     query = parse_qs(urlsplit(target.url).query, keep_blank_values=True)
     return BATCH_DELAY_NS if flag_value(query.get(BATCH_PARAM, ["0"])[-1]) else 0
 
 
-def _decoder(target: Target | FileSource) -> CaptureDecoder | PcapDecoder:
+def _decoder(target: Target | SshTarget | FileSource) -> CaptureDecoder | PcapDecoder:
     """Files hold any format ddump reads; a live capture stream is pcap."""
     return CaptureDecoder() if isinstance(target, FileSource) else PcapDecoder()
 
 
-def _pulled(target: Target | FileSource) -> bool:
+def _pulled(target: Target | SshTarget | FileSource) -> bool:
     return isinstance(target, FileSource) and target.pulled
 
 

@@ -1,0 +1,202 @@
+"""`ssh://` targets against worker targets, on network namespaces: latency, CPU, first byte.
+
+    sudo .venv/bin/python bench/ssh.py [--rate 5000] [--seconds 5] [--hosts 16] [--runs 3]
+
+Needs root, `ip`, tcpdump, sshd and ssh (the tests' sshd setup: tests/sshd.py).
+
+- latency: h1..h3 each run sshd and a worker; the CLI runs on h4 and writes to a pipe read here
+  (bench/fleet.py's way). h1->h2, h2->h3, h3->h1 send `--rate` numbered datagrams/s each for
+  `--seconds`, once with the three as worker targets, once as ssh:// targets (sudo tcpdump).
+  Latency: read time minus capture timestamp, while every flow sends. CPU per million packets
+  passed on: remote (workers, or sshd + sh) and local (the CLI, plus its ssh processes).
+- first byte: `--hosts` hosts each run sshd; the CLI (on one more host) captures on all of
+  them over SSH: the time from its start to the first byte of output, `--runs` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import fleet as fb  # noqa: E402  (bench/fleet.py: its reader, flows and percentiles)
+
+from tests.netns import Fleet, Host, WorkerProcess, worker_argv  # noqa: E402
+from tests.sshd import SshSite  # noqa: E402
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # exited meanwhile
+            total += fb.cpu_seconds(pid)
+    return total
+
+
+def _named(hosts: list[Host], names: set[str]) -> list[int]:
+    return [pid for host in hosts for pid in host.pids() if _comm(pid) in names]
+
+
+def latency_step(
+    fleet: Fleet, site: SshSite, workers: list[WorkerProcess], kind: str, rate: int, seconds: float
+) -> str:
+    sources = fleet.hosts[:3]
+    cli_host = fleet.hosts[3]
+    flows = [fb.Flow(h, sources[(i + 1) % 3], fb.BASE_PORT + i) for i, h in enumerate(sources)]
+    if kind == "worker":
+        targets = [f"http://{h.address}:{fb.WORKER_PORT}/capture" for h in sources]
+    else:
+        targets = [f"ssh://{h.address}?sudo=1" for h in sources]
+    cli = fb.Cli(cli_host, targets, site.env)
+    try:
+        fb.wait_for(
+            lambda: all(any(_comm(p) == "tcpdump" for p in h.pids()) for h in sources),
+            20,
+            "tcpdump on every host",
+        )
+        time.sleep(1.0)
+        if kind == "worker":
+            remote = [w.process.pid for w in workers]
+            local = [cli.process.pid]
+        else:
+            remote = _named(sources, {"sshd", "sh"})
+            local = [cli.process.pid, *_named([cli_host], {"ssh"})]
+        before = _cpu(remote), _cpu(local)
+        count = int(rate * seconds)
+        fb.send(flows, count, rate)
+        time.sleep(1.0)
+        after = _cpu(remote), _cpu(local)
+    finally:
+        cli.stop()
+    ports = {f.port for f in flows}
+    timed, records = [], 0
+    for seen in fb.merged_records(cli.reader.chunks):
+        records += 1
+        key = fb.flow_key(seen.data)
+        if key is not None and key[0] in ports:
+            timed.append((key[0], seen.ts_ns, seen.arrival_ns - seen.ts_ns))
+    first = max(min(ts for p, ts, _ in timed if p == port) for port in ports) + 200_000_000
+    last = min(max(ts for p, ts, _ in timed if p == port) for port in ports) - 200_000_000
+    latencies = [lat / 1e6 for _, ts, lat in timed if first <= ts <= last]
+    per_m = 1e6 / max(1, records)
+    return (
+        f"| {kind} | {rate:,} x 3 | {records:,} of {2 * count * 3:,} "
+        f"| {fb.percentile(latencies, 0.5):.2f} / {fb.percentile(latencies, 0.99):.2f} "
+        f"| {(after[0] - before[0]) * per_m:.1f} | {(after[1] - before[1]) * per_m:.1f} |"
+    )
+
+
+def part_latency(rate: int, seconds: float) -> None:
+    print(
+        "| targets | pkt/s per flow | records in output | latency ms p50 / p99 "
+        "| remote CPU s per M (workers, or sshd + sh) | local CPU s per M (CLI + ssh) |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
+    with Fleet(4) as fleet, SshSite() as site:
+        for host in fleet.hosts[:3]:
+            site.serve(host)
+        workers = [
+            WorkerProcess(worker_argv("--listen", f":{fb.WORKER_PORT}"), h) for h in fleet.hosts[:3]
+        ]
+        try:
+            for worker in workers:
+                worker.wait_listening()
+            for kind in ("worker", "ssh", "worker", "ssh"):
+                print(latency_step(fleet, site, workers, kind, rate, seconds), flush=True)
+        finally:
+            for worker in workers:
+                worker.__exit__()
+
+
+def part_first_byte(n_hosts: int, runs: int) -> None:
+    with Fleet(n_hosts + 1) as fleet, SshSite() as site:
+        sources, cli_host = fleet.hosts[:n_hosts], fleet.hosts[n_hosts]
+        for host in sources:
+            site.serve(host)
+        targets = [f"ssh://{h.address}?sudo=1&filter=udp" for h in sources]
+        # Output begins with the first packet: every host sends a few each second meanwhile.
+        flows = [fb.Flow(h, cli_host, fb.BASE_PORT + i) for i, h in enumerate(sources)]
+        traffic = threading.Thread(target=fb.send, args=(flows, 20 * runs, 2), daemon=True)
+        traffic.start()
+        for run in range(runs):
+            started = time.monotonic()
+            process = cli_host.popen(
+                [*fb.DDUMP, *targets, "-w", "-"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=site.env,
+            )
+            assert process.stdout is not None and process.stderr is not None
+            capturing: list[float] = []  # when each target said it was capturing
+
+            def watch(
+                stderr: IO[bytes] = process.stderr,
+                into: list[float] = capturing,
+                since: float = started,
+            ) -> None:
+                for line in stderr:
+                    if b": capturing" in line:
+                        into.append(time.monotonic() - since)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            ready, _, _ = select.select([process.stdout], [], [], 30)
+            took = time.monotonic() - started
+            first = os.read(process.stdout.fileno(), 24) if ready else b""
+            deadline = time.monotonic() + 20
+            while len(capturing) < n_hosts and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            process.stdout.read()
+            process.wait(20)
+            watcher.join(5)
+            spread = (
+                f"{capturing[0]:.2f} / {fb.percentile(capturing, 0.5):.2f} / {capturing[-1]:.2f}"
+                if capturing
+                else "none"
+            )
+            print(f"first byte, {n_hosts} ssh:// hosts, run {run + 1}: {took:.2f} s "
+                  f"({len(first)} bytes); 'capturing' first / median / last: {spread} s "
+                  f"({len(capturing)} targets)", flush=True)  # fmt: skip
+        traffic.join(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default="latency,firstbyte")
+    parser.add_argument("--rate", type=int, default=5000, help="datagrams/s per flow")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    # SIGTERM (a timeout) unwinds like Ctrl-C: the fleets and sshd are torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    parts = args.parts.split(",")
+    if "latency" in parts:
+        part_latency(args.rate, args.seconds)
+    if "firstbyte" in parts:
+        part_first_byte(args.hosts, args.runs)
+
+
+if __name__ == "__main__":
+    main()

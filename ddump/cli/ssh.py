@@ -1,0 +1,397 @@
+"""One `ssh://` target's capture: the system ssh client runs tcpdump remotely, stdout is the pcap.
+
+Targets on one host share one SSH connection (an `ssh -N` ControlMaster on a control socket in
+a private directory ddump creates and removes), at most SESSIONS_PER_CONNECTION sessions each,
+sshd's default MaxSessions: 20 targets on one host open 2 connections, not 20, so sshd's
+MaxStartups (10 unauthenticated connections by default, then random refusals) is never near.
+The connection is made once, authenticated once, and each capture is a session on it.
+
+Every ssh process runs in a session of its own (a Ctrl-C at the terminal reaches ddump only,
+which then stops each capture cleanly, counts included) and is killed if ddump dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
+from ddump.pcapng import CaptureCounts
+from ddump.ssh_command import (
+    connection_failure,
+    interfaces_of,
+    master_argv,
+    read_clock,
+    remote_script,
+    session_argv,
+    session_failure,
+)
+from ddump.ssh_targets import SshTarget
+from ddump.worker.spawn import child_setup
+from ddump.worker.tcpdump import LISTENING_MARK, parse_stats
+
+SESSIONS_PER_CONNECTION = 10  # sshd's default MaxSessions
+READ_SIZE = 256 * 1024
+STDERR_KEEP = 64 * 1024
+STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then ssh is killed
+# From the session's start to tcpdump's "listening on": sudo, the shell and tcpdump (a worker
+# gets the same grace for its answer, ddump/cli/stream.py).
+LISTEN_GRACE_S = 10.0
+_SOCKET_POLL_S = 0.01
+_SSH_FAILED = 255  # ssh's own exit status: the connection failed, not the remote command
+
+
+async def _spawn(argv: list[str], *, stdin: int) -> asyncio.subprocess.Process:
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE if stdin == subprocess.PIPE else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # not the terminal's Ctrl-C: ddump stops it, in order
+            preexec_fn=child_setup(None),  # killed if ddump dies
+        )
+    except FileNotFoundError:
+        raise StreamFailure(
+            "the ssh client is not installed (Debian: apt install openssh-client)"
+        ) from None
+
+
+async def _read_all(stream: asyncio.StreamReader | None) -> str:
+    if stream is None:
+        return ""
+    data = await stream.read(STDERR_KEEP)
+    return data.decode("utf-8", "replace")
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One shared SSH connection and how many captures use it."""
+
+    key: tuple[object, ...]
+    control_path: str
+    users: int = 0
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    failed: bool = False
+    starting: asyncio.Task[None] | None = None  # referenced while it runs
+
+    async def start(self, target: SshTarget, timeout_s: float) -> None:
+        try:
+            self.process = await _spawn(
+                master_argv(target, self.control_path, timeout_s), stdin=subprocess.DEVNULL
+            )
+            await self._wait_for_socket(target, timeout_s)
+        except StreamFailure as failure:
+            self.failed = True
+            self.ready.set_exception(failure)
+            self.ready.exception()  # retrieved: nobody may be waiting any more
+        else:
+            self.ready.set_result(None)
+
+    async def _wait_for_socket(self, target: SshTarget, timeout_s: float) -> None:
+        assert self.process is not None
+        # ssh binds the control socket once the connection is authenticated.
+        deadline = time.monotonic() + timeout_s + 5  # ssh's own ConnectTimeout comes first
+        while not os.path.exists(self.control_path):
+            if self.process.returncode is not None or time.monotonic() > deadline:
+                if self.process.returncode is None:
+                    self.stop()
+                status = await self.process.wait()
+                stderr = await _read_all(self.process.stderr)
+                raise StreamFailure(connection_failure(target.host, stderr, status))
+            await asyncio.sleep(_SOCKET_POLL_S)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+
+    async def stopped(self) -> None:
+        """Stop the connection and wait for ssh to exit (killed after STOP_GRACE_S)."""
+        self.stop()
+        if self.process is None:
+            return
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+class SshConnections:
+    """The shared connections, by destination (user, host, port and ssh options)."""
+
+    def __init__(self) -> None:
+        self._directory: str | None = None
+        self._by_key: dict[tuple[object, ...], list[_Connection]] = {}
+        self._made = 0
+
+    async def acquire(self, target: SshTarget, timeout_s: float) -> _Connection:
+        """A connection with room for one more session (made if needed), once it is up."""
+        key = (target.user, target.host, target.port, target.ssh_options)
+        pool = self._by_key.setdefault(key, [])
+        connection = next(
+            (c for c in pool if c.users < SESSIONS_PER_CONNECTION and not c.failed), None
+        )
+        if connection is None:
+            if self._directory is None:
+                self._directory = tempfile.mkdtemp(prefix="ddump-ssh-")
+            self._made += 1
+            connection = _Connection(key, os.path.join(self._directory, str(self._made)))
+            pool.append(connection)
+            connection.starting = asyncio.get_running_loop().create_task(
+                connection.start(target, timeout_s), name=f"ssh connection to {target.host}"
+            )
+        connection.users += 1
+        try:
+            await asyncio.shield(connection.ready)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: _Connection) -> None:
+        """One session less; the last one closes the connection (and waits for it)."""
+        connection.users -= 1
+        if connection.users > 0:
+            return
+        pool = self._by_key.get(connection.key, [])
+        if connection in pool:
+            pool.remove(connection)
+        if not pool:
+            self._by_key.pop(connection.key, None)
+        if not self._by_key and self._directory is not None:
+            # ssh removes its socket as it exits; the directory is ddump's to remove.
+            directory, self._directory = self._directory, None
+        else:
+            directory = None
+        await connection.stopped()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+CONNECTIONS = SshConnections()
+
+
+class SshStream:
+    """Runs tcpdump on one host over SSH and feeds its pcap to callbacks, like CaptureStream.
+
+    After run() ends, `capture_counts` holds tcpdump's exit counts when it printed them.
+    """
+
+    def __init__(
+        self,
+        target: SshTarget,
+        connect_timeout_s: float,
+        connections: SshConnections = CONNECTIONS,
+    ) -> None:
+        self.target = target
+        self.connect_timeout_s = connect_timeout_s
+        self.connections = connections
+        self.capture_counts: CaptureCounts | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._process: asyncio.subprocess.Process | None = None
+        self._stderr = ""
+        self._listening = asyncio.Event()
+        self._stderr_done = asyncio.Event()
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._duration_timer: asyncio.TimerHandle | None = None
+        self._clock: list[tuple[int, int]] = []  # (remote clock, our time when it came)
+
+    async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
+        connection = await self._connect()
+        if connection is None:
+            return
+        try:
+            await self._capture(connection, on_opened, on_data)
+        finally:
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            if self._process is not None and self._process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._process.kill()
+                await self._process.wait()
+            await self.connections.release(connection)
+
+    async def _connect(self) -> _Connection | None:
+        acquire = asyncio.ensure_future(
+            self.connections.acquire(self.target, self.connect_timeout_s)
+        )
+        closed = asyncio.ensure_future(self._closed.wait())
+        await asyncio.wait({acquire, closed}, return_when=asyncio.FIRST_COMPLETED)
+        closed.cancel()
+        if not acquire.done():  # closed while connecting
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StreamFailure):
+                await acquire
+            return None
+        connection = acquire.result()
+        if self._closing:
+            await self.connections.release(connection)
+            return None
+        return connection
+
+    async def _capture(
+        self, connection: _Connection, on_opened: OpenedCallback, on_data: DataCallback
+    ) -> None:
+        target = self.target
+        sent_ns = time.time_ns()
+        process = self._process = await _spawn(
+            session_argv(target, connection.control_path, self.connect_timeout_s),
+            stdin=subprocess.PIPE,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(remote_script(target).encode("utf-8"))
+        with contextlib.suppress(ConnectionError):
+            await process.stdin.drain()
+        reader = asyncio.ensure_future(self._read_stderr(process))
+        try:
+            if not await self._wait_until_listening():
+                self._stop_remote()
+                await self._ended(process)
+                raise StreamFailure(
+                    f"tcpdump did not start listening within {LISTEN_GRACE_S:g} s: "
+                    + self._failure(process.returncode)
+                )
+            if not self._listening.is_set():
+                if self._closing:
+                    return
+                await self._ended(process)
+                raise StreamFailure(self._failure(process.returncode))
+            on_opened(self._opened(sent_ns))
+            if target.duration_ns is not None:
+                self._duration_timer = asyncio.get_running_loop().call_later(
+                    target.duration_ns / 1e9, self._stop_remote
+                )
+            await self._pump(process.stdout, on_data)
+            await self._ended(process)
+        finally:
+            if self._duration_timer is not None:
+                self._duration_timer.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        stats = parse_stats(self._stderr)
+        if stats.received is not None or stats.dropped_by_kernel is not None:
+            self.capture_counts = CaptureCounts(stats.received, stats.dropped_by_kernel)
+        if self._closing or process.returncode == 0:
+            return
+        raise StreamFailure(self._failure(process.returncode))
+
+    async def _wait_until_listening(self) -> bool:
+        """Until tcpdump listens, the session ends or close(); False after LISTEN_GRACE_S."""
+        waits = [
+            asyncio.ensure_future(event.wait())
+            for event in (self._listening, self._stderr_done, self._closed)
+        ]
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=LISTEN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return bool(done)
+
+    def _opened(self, sent_ns: int) -> Opened:
+        offset = spread = None
+        remote_ns = None
+        if self._clock:
+            remote_ns, received_ns = self._clock[0]
+            # Read after we started ssh and before its line came: the offset is between.
+            offset = remote_ns - received_ns
+            spread = received_ns - sent_ns
+        return Opened(
+            clock_offset_ns=offset,
+            worker_clock_ns=remote_ns,
+            interfaces=interfaces_of(self._stderr.splitlines()),
+            clock_spread_ns=spread or 0,
+        )
+
+    async def _pump(self, stdout: asyncio.StreamReader, on_data: DataCallback) -> None:
+        while True:
+            chunk = await stdout.read(READ_SIZE)
+            if not chunk:
+                return
+            if self._closing:
+                continue  # drained, so that the remote tcpdump is never blocked on us
+            result = on_data(chunk)
+            if isinstance(result, Awaitable):
+                await result
+
+    async def _ended(self, process: asyncio.subprocess.Process) -> None:
+        """Wait for ssh to exit (killed after STOP_GRACE_S), then for the rest of stderr."""
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stderr_done.wait(), STOP_GRACE_S)
+
+    async def _read_stderr(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        pending = b""
+        try:
+            while True:
+                data = await process.stderr.read(4096)
+                if not data:
+                    break
+                lines = (pending + data).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    self._take_line(line.decode("utf-8", "replace"))
+            if pending:
+                self._take_line(pending.decode("utf-8", "replace"))
+        finally:
+            self._stderr_done.set()
+
+    def _take_line(self, line: str) -> None:
+        if len(self._stderr) < STDERR_KEEP:
+            self._stderr += line + "\n"
+        if self._listening.is_set():
+            return
+        remote_ns = read_clock(line)
+        if remote_ns is not None:
+            self._clock.append((remote_ns, time.time_ns()))
+        elif LISTENING_MARK in line:
+            self._listening.set()
+
+    def _failure(self, status: int | None) -> str:
+        if status == _SSH_FAILED or status is None:
+            return connection_failure(self.target.host, self._stderr, status)
+        return session_failure(self._stderr, status)
+
+    def _stop_remote(self) -> None:
+        """End standard input: the remote script stops tcpdump, which prints its counts."""
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            process.stdin.close()
+        if self._kill_timer is None:
+            self._kill_timer = asyncio.get_running_loop().call_later(STOP_GRACE_S * 2, self._kill)
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    def close(self) -> None:
+        """Stop the capture; run() returns quietly once the remote tcpdump has stopped."""
+        self._closing = True
+        self._closed.set()
+        self._stop_remote()
