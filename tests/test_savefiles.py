@@ -401,7 +401,16 @@ def test_the_status_line_names_the_current_file_and_counts_the_files(tmp_path: P
     with fake_workers({"/capture": Script(body=[body, 1.5])}) as (w,):
         leader, follower = pty.openpty()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ddump.cli.main", "-w", str(out), "-C", "1", w.url()],
+            [
+                sys.executable,
+                "-m",
+                "ddump.cli.main",
+                "-w",
+                str(out),
+                "-C",
+                "1",
+                w.url("/capture?count=3"),
+            ],  # it ends as asked
             stderr=follower,
             stdin=subprocess.DEVNULL,
         )

@@ -236,11 +236,11 @@ def test_changed_or_unknown_host_key_fails_that_target_by_name_and_starts_nothin
 
     assert status == 1
     assert (
-        f"ddump: {h1.address}: host key verification failed for {h1.address} "
+        f" {h1.address}: host key verification failed for {h1.address} "
         "(its key changed since it was stored)"
     ) in cli.stderr
     assert (
-        f"ddump: {h2.address}: host key verification failed for {h2.address} (its key is not known)"
+        f" {h2.address}: host key verification failed for {h2.address} (its key is not known)"
     ) in cli.stderr
     assert len(cli.records()) == 5
 
@@ -261,7 +261,7 @@ def test_target_whose_sshd_is_killed_fails_and_the_others_go_on(
             if _command(pid) == "sshd" and pid != listener:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        cli.wait_for(f"ddump: {h3.address}: ")
+        cli.wait_for(f" {h3.address}: ")
         after = udp_traffic(h1, h2, port=5008, count=50)
         time.sleep(0.5)
         left_on_h3 = tcpdumps(h3)
@@ -366,7 +366,7 @@ def test_count_in_the_url_ends_that_target_normally(site: SshSite, tmp_path: Pat
         status = cli.finish(signum=None)
 
     assert status == 0, cli.stderr
-    assert f"ddump: {h1.address}: ended (3 packets)" in cli.stderr
+    assert f" {h1.address}: ended (3 packets)" in cli.stderr
     assert len(cli.records()) == 3
 
 
