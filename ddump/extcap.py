@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 class ExtcapReporter(Reporter):
     """Errors at once; warnings only if something failed (Wireshark shows stderr as an error)."""
 
+    stamp_events = False  # a dialog shows one message: the time of day is noise there
+
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream, quiet=True, verbose=False)
         self.held: list[str] = []

@@ -81,8 +81,11 @@ class Reporter:
         self.clear_status()
         self._emit(redact(text) + "\n")
 
+    stamp_events = True  # while `timestamps` is on
+
     def _event(self, text: str) -> None:
-        when = f"{time_of_day(time.time_ns())} " if self.timestamps else ""
+        stamp = self.timestamps and self.stamp_events
+        when = f"{time_of_day(time.time_ns())} " if stamp else ""
         self._line(f"ddump: {when}{text}")
 
     def info(self, text: str) -> None:
