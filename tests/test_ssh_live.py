@@ -370,6 +370,27 @@ def test_count_in_the_url_ends_that_target_normally(site: SshSite, tmp_path: Pat
     assert len(cli.records()) == 3
 
 
+def test_a_remote_tcpdump_stopped_before_its_count_fails_that_target(
+    site: SshSite, tmp_path: Path
+) -> None:
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        site.serve(h1)
+        cli = Cli(site, [ssh_url(h1) + "&count=1000"], tmp_path / "out.pcap")
+        cli.wait_for(": capturing")
+        udp_traffic(h1, h2, port=5011, count=5)
+        time.sleep(0.3)
+        for pid in tcpdumps(h1):  # stopped on that host: it exits cleanly, short of its count
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        status = cli.finish(signum=None)
+
+    assert status == 1, cli.stderr
+    assert "[failed: its tcpdump ended unasked" in cli.stderr
+    assert "not captured from " in cli.stderr and "the capture is partial" in cli.stderr
+    assert len(cli.records()) == 5
+
+
 def test_closed_stdout_ends_quietly_and_leaves_no_remote_tcpdump(site: SshSite) -> None:
     with Fleet(2) as fleet:
         h1, h2 = fleet.hosts

@@ -18,6 +18,7 @@ from ddump.cli.ends import (
     RECENT_CONNECT_TIMEOUT_S,
     RECENT_LOSS_S,
     UNASKED_END,
+    AskedEnd,
     asked_end,
     retry_delay,
 )
@@ -381,7 +382,7 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), delay)
         if self.stopping and run.counts.state in ("capturing", "connecting", "retrying"):
-            if isinstance(run.target, Target) and not run.answered:
+            if isinstance(run.target, _LIVE) and not run.answered:
                 # It never captured: whatever the stop, its part of the capture is missing.
                 if not run.failed:
                     self._failed(run, self._never_answered(run))
@@ -507,15 +508,23 @@ class Session:
 
         if isinstance(run.stream, CaptureStream) and run.stream.connected:
             return "never answered: it took the connection, but no HTTP response came"
+        if isinstance(run.target, SshTarget):
+            return "never answered: its tcpdump had not started when the capture stopped"
         return "never connected before the capture stopped"
 
     def _check_end(self, run: _Run, packets: int) -> None:
-        """A worker's capture may end only as its URL asked (count, duration): else it failed."""
-        if not isinstance(run.target, Target):
+        """A live capture may end only as it asked (count, duration): else it failed."""
+        target = run.target
+        if isinstance(target, SshTarget):
+            asked = AskedEnd(target.count, target.duration_ns)
+            unasked = "its tcpdump ended unasked (was it stopped on that host?)"
+        elif isinstance(target, Target):
+            asked, unasked = asked_end(target.url), UNASKED_END
+        else:
             return  # a file's or a pipe's end is the end of its capture
         elapsed_ns = int((asyncio.get_running_loop().time() - run.capturing_since) * 1e9)
-        if not asked_end(run.target.url).reached(packets, elapsed_ns):
-            raise StreamFailure(UNASKED_END)
+        if not asked.reached(packets, elapsed_ns):
+            raise StreamFailure(unasked)
 
     def _reopened(self, run: _Run, opened: Opened) -> None:
         """A capture of the target runs (again): the gap before it, if any, ends now."""
@@ -528,14 +537,14 @@ class Session:
             gaps[-1] = replace(gaps[-1], end_ns=now)
             lost_s = (now - gaps[-1].start_ns) / 1e9
             self.reporter.info(f"{run.target.name}: back after {lost_s:.1f} s not captured")
-        elif failed and not run.answered and isinstance(run.target, Target):
+        elif failed and not run.answered and isinstance(run.target, _LIVE):
             # It failed at first: it was not captured from the start until now.
             gaps.append(Gap(self._started_ns, now, error))
         run.answered = True
 
     def _failed(self, run: _Run, message: str, silent_ns: int = 0) -> None:
         if (
-            isinstance(run.target, Target)
+            isinstance(run.target, _LIVE)
             and run.opened is not None
             and not (run.counts.gaps and run.counts.gaps[-1].end_ns is None)
         ):
