@@ -26,7 +26,8 @@ from ddump.cli.files import (
 from ddump.cli.options import Options, parse_args
 from ddump.cli.output import Output, PcapOutput
 from ddump.cli.report import Reporter
-from ddump.cli.session import Session, SessionSettings
+from ddump.cli.runs import SessionSettings
+from ddump.cli.session import Session
 from ddump.cli.tls import ContextCache, TlsFiles
 from ddump.errors import DdumpError, UsageError
 from ddump.protocol import BATCH_PARAM
