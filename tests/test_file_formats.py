@@ -149,3 +149,19 @@ def test_a_truncated_gzip_file_fails_that_file_and_keeps_what_it_had(tmp_path: P
     got = records_of(out)
     assert len(got) > 4000  # all of b, and what the cut file held before the cut
     assert [ts for ts, _ in got] == sorted(ts for ts, _ in got)
+
+
+def test_pcapng_output_of_targets_with_other_snaplens_is_read_by_tcpdump(tmp_path: Path) -> None:
+    a, b = three_files(tmp_path)[:2]
+    small = tmp_path / "small.pcap"
+    editcap("-F", "nsecpcap", "-s", "40", str(b), str(small))  # snaplen 40 in its header
+    out = tmp_path / "out.pcapng"
+
+    result = ddump_files([a, small], out)
+
+    assert result.returncode == 0, result.stderr
+    read = subprocess.run(
+        [require_tool("tcpdump"), "-nn", "-r", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert read.returncode == 0, read.stderr
+    assert len(read.stdout.splitlines()) == 8000

@@ -235,9 +235,13 @@ def run(options: Options, reporter: Reporter, output: Output | None = None) -> E
         else:
             output = PcapOutput.open(options.write)
     if options.format == "pcapng":
+        from ddump.pcap import DEFAULT_SNAPLEN
         from ddump.pcapng import PcapngWriter  # only for --format pcapng
 
-        output.pcapng = PcapngWriter()
+        # One snaplen in every IDB (every record is cut to it on the way in): libpcap, and so
+        # tcpdump, refuses a pcapng whose interfaces differ in snaplen, as targets asked with
+        # different -s or ?snaplen= would.
+        output.pcapng = PcapngWriter(snaplen=DEFAULT_SNAPLEN)
         output.section_comment = "ddump capture of " + ", ".join(t.name for t in targets)
     settings = SessionSettings(
         max_delay_ns=options.max_delay_ns,
