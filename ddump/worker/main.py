@@ -265,6 +265,9 @@ async def serve(args: argparse.Namespace) -> int:
     server.max_connections = max_connections
     server.allow = tuple(args.allow)
     server.refusals = refusals
+    # Before serving: the check's own short-lived tcpdump is never running beside a capture,
+    # and a worker that cannot capture says so before it says it listens.
+    await _check_capture(state)
     server.add_sockets(sockets)
     log.info(
         "listening on %s (pid %d); never capturing: %s; at most %d captures, %d connections%s",
@@ -277,7 +280,6 @@ async def serve(args: argparse.Namespace) -> int:
     )
     if state.exposed:
         log.warning("%s", exposure_warning(state.exposed, args.allow))
-    checked = asyncio.ensure_future(_check_capture(state))
     signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -303,7 +305,6 @@ async def serve(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signum)
         if unix_path is not None:
             _remove_socket(unix_path, unix_inode)
-    checked.cancel()
     log.info("stopped")
     return 0
 
