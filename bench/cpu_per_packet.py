@@ -28,6 +28,7 @@ import ctypes
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -183,7 +184,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--before", type=Path, help="a copy of the revision to compare with")
     parser.add_argument("--profile", type=Path, help="py-spy output directory")
-    parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per rate and code")
+    parser.add_argument("--max-seconds", type=float, default=900.0)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, capture)")
@@ -199,14 +201,32 @@ def main() -> None:
     with Fleet(1) as fleet:
         host = fleet.hosts[0]
         for rate in rates:
-            for variant, root in variants:
-                env = dict(os.environ, PYTHONPATH=str(root))
-                row = step(host, env, variant, rate, args.seconds, args.profile)
-                print(row.line(), flush=True)
-                rows.append(row)
-    print(HEADER)
+            runs: dict[str, list[Row]] = {variant: [] for variant, _ in variants}
+            for _ in range(args.repeat):  # alternating, so that both see the same machine
+                for variant, root in variants:
+                    env = dict(os.environ, PYTHONPATH=str(root))
+                    row = step(host, env, variant, rate, args.seconds, args.profile)
+                    print(row.line(), flush=True)
+                    runs[variant].append(row)
+            rows += [median_row(runs[variant]) for variant, _ in variants]
+    print(f"\nmedians of {args.repeat} runs each:\n{HEADER}")
     for row in rows:
         print(row.line())
+
+
+def median_row(runs: list[Row]) -> Row:
+    """Each column's median over the runs (on a shared machine, one run can be unlucky)."""
+
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    first = runs[0]
+    return Row(
+        first.variant, first.rate, int(mid([r.packets for r in runs])),
+        mid([r.achieved for r in runs]), mid([r.tcpdump_us for r in runs]),
+        mid([r.worker_us for r in runs]), mid([r.cli_us for r in runs]),
+        mid([r.p50_ms for r in runs]), mid([r.p99_ms for r in runs]),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

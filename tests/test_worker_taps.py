@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -65,10 +65,13 @@ class ScriptedCapture:
         self.allowed = 0  # chunks the test let through so far
         self.served = 0  # reads answered so far (the last one b"")
         self._more = asyncio.Event()
+        self._watcher: Callable[[], None] | None = None
 
     def allow(self) -> None:
         self.allowed += 1
         self._more.set()
+        if self._watcher is not None:
+            asyncio.get_running_loop().call_soon(self._watcher)
 
     async def start(self, timeout_ns: int) -> None:
         self.listening = True
@@ -83,6 +86,22 @@ class ScriptedCapture:
         data = self.chunks.pop(0)
         self.counter.feed(data)
         return data
+
+    def read_now(self) -> bytes | None:
+        if self.served >= self.allowed:
+            return None
+        self.served += 1
+        if not self.chunks:
+            return b""
+        data = self.chunks.pop(0)
+        self.counter.feed(data)
+        return data
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        self._watcher = callback
+
+    def unwatch(self) -> None:
+        self._watcher = None
 
     async def current_stats(self, timeout_ns: int) -> TcpdumpStats:
         return self.stats
