@@ -15,14 +15,16 @@ the 10 ms ticks of /proc/PID/stat, which would be a few ticks per run at 500/s).
 
 --before DIR runs the same steps first with the worker and the CLI from DIR (a copy of another
 revision, e.g. `git archive REV | tar -x -C DIR` plus the built ddump/_records*.so), so both
-are measured side by side in one run. --profile DIR writes py-spy flame data of the worker and
-the CLI per step (py-spy in the venv). Bounded: `--seconds` of traffic per step, a count per
-step, and `--max-seconds` for the whole run.
+are measured side by side in one run. Last, for scale: the CPU per wakeup of an asyncio loop
+that does nothing but read a pipe written at the same rate. --profile DIR writes py-spy flame
+data of the worker and the CLI per step (py-spy in the venv). Bounded: `--seconds` of traffic
+per step, a count per step, and `--max-seconds` for the whole run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -80,6 +82,50 @@ def send_paced(count: int, rate: int) -> None:
             time.sleep(ahead)
         sock.sendto(payload(seq), ("127.0.0.1", PORT))
     sink.close()
+
+
+def floor_us(rate: int, seconds: float) -> float:
+    """CPU per wakeup of an asyncio process that only reads a pipe written `rate` times a
+    second, one packet-sized write each: what any Python event loop pays per wakeup here."""
+    read_fd, write_fd = os.pipe()
+    count = int(rate * seconds)
+    pid = os.fork()
+    if pid == 0:  # the writer, paced like send_paced
+        os.close(read_fd)
+        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+        start = time.monotonic()
+        for seq in range(count):
+            ahead = start + seq / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            os.write(write_fd, payload(seq, 100))
+        os._exit(0)
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    wakeups = 0
+
+    async def read_all() -> None:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def readable() -> None:
+            nonlocal wakeups
+            if os.read(read_fd, 65536):
+                wakeups += 1
+            else:
+                loop.remove_reader(read_fd)
+                done.set_result(None)
+
+        loop.add_reader(read_fd, readable)
+        await done
+
+    before = on_cpu_ns(os.getpid())
+    asyncio.run(read_all())
+    used = on_cpu_ns(os.getpid()) - before
+    os.waitpid(pid, 0)
+    os.close(read_fd)
+    return used / 1000 / max(1, wakeups)
 
 
 @dataclass(frozen=True)
@@ -198,6 +244,7 @@ def main() -> None:
     if args.before is not None:
         variants.insert(0, ("before", args.before.resolve()))
     rows = []
+    floors: list[tuple[int, float]] = []
     with Fleet(1) as fleet:
         host = fleet.hosts[0]
         for rate in rates:
@@ -209,9 +256,13 @@ def main() -> None:
                     print(row.line(), flush=True)
                     runs[variant].append(row)
             rows += [median_row(runs[variant]) for variant, _ in variants]
+            floors.append((rate, floor_us(rate, min(args.seconds, 4.0))))
     print(f"\nmedians of {args.repeat} runs each:\n{HEADER}")
     for row in rows:
         print(row.line())
+    print("\nan asyncio loop that only reads one pipe write per wakeup, same rate:")
+    for rate, used in floors:
+        print(f"| {rate:,} pkt/s | {used:.1f} us CPU per wakeup |")
 
 
 def median_row(runs: list[Row]) -> Row:
