@@ -249,8 +249,10 @@ def main() -> None:
         host = fleet.hosts[0]
         for rate in rates:
             runs: dict[str, list[Row]] = {variant: [] for variant, _ in variants}
-            for _ in range(args.repeat):  # alternating, so that both see the same machine
-                for variant, root in variants:
+            for repeat in range(args.repeat):
+                # Alternating, so that both see the same machine, and in turn first (the
+                # second of a pair measured consistently higher, for the same code).
+                for variant, root in variants[:: -1 if repeat % 2 else 1]:
                     env = dict(os.environ, PYTHONPATH=str(root))
                     row = step(host, env, variant, rate, args.seconds, args.profile)
                     print(row.line(), flush=True)
