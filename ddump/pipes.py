@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 
 
 class PipeReader:
@@ -19,41 +18,15 @@ class PipeReader:
         os.set_blocking(fd, False)
         self.fd: int | None = fd
         self._waiter: asyncio.Future[None] | None = None
-        self._watcher: Callable[[], None] | None = None
 
     async def read(self, size: int) -> bytes:
         """Up to `size` bytes; b"" at the end of the pipe or once closed."""
-        while (data := self.read_now(size)) is None:
-            await self.readable()
-        return data
-
-    def read_now(self, size: int) -> bytes | None:
-        """Up to `size` bytes if the pipe holds some; None if it is empty for now; b"" at its
-        end or once closed."""
-        if self.fd is None:
-            return b""
-        try:
-            return os.read(self.fd, size)
-        except BlockingIOError:
-            return None
-
-    async def readable(self) -> None:
-        """Return once the pipe holds data, ended or was closed."""
-        if self.fd is not None:
-            await self._readable(self.fd)
-
-    def watch(self, callback: Callable[[], None]) -> None:
-        """Call `callback` whenever the pipe is readable (and once when it is closed), until
-        unwatch(): no future and no task switch per wakeup."""
-        if self.fd is not None and self._watcher is None:
-            self._watcher = callback
-            asyncio.get_running_loop().add_reader(self.fd, callback)
-
-    def unwatch(self) -> None:
-        if self._watcher is not None:
-            self._watcher = None
-            if self.fd is not None:
-                asyncio.get_running_loop().remove_reader(self.fd)
+        while self.fd is not None:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                await self._readable(self.fd)
+        return b""
 
     async def _readable(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -74,12 +47,7 @@ class PipeReader:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        loop = asyncio.get_running_loop()
         if self._waiter is not None:
-            loop.remove_reader(fd)
+            asyncio.get_running_loop().remove_reader(fd)
             self._wake()
-        if self._watcher is not None:
-            loop.remove_reader(fd)
-            loop.call_soon(self._watcher)  # it reads b"": the end
-            self._watcher = None
         os.close(fd)

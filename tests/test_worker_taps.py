@@ -15,13 +15,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from ddump.pcap import PcapStreamParser
 from ddump.worker.registry import CaptureRegistry
-from ddump.worker.taps import COALESCE_S, TAP_DRAIN_S, TAP_STALL_S, SharedCapture, Tap
+from ddump.worker.taps import TAP_DRAIN_S, TAP_STALL_S, SharedCapture, Tap
 from ddump.worker.tcpdump import RecordCounter, TcpdumpStats
 from tests.test_worker_app import (
     PCAP_HEADER_LEN,
@@ -65,13 +65,10 @@ class ScriptedCapture:
         self.allowed = 0  # chunks the test let through so far
         self.served = 0  # reads answered so far (the last one b"")
         self._more = asyncio.Event()
-        self._watcher: Callable[[], None] | None = None
 
     def allow(self) -> None:
         self.allowed += 1
         self._more.set()
-        if self._watcher is not None:
-            asyncio.get_running_loop().call_soon(self._watcher)
 
     async def start(self, timeout_ns: int) -> None:
         self.listening = True
@@ -86,22 +83,6 @@ class ScriptedCapture:
         data = self.chunks.pop(0)
         self.counter.feed(data)
         return data
-
-    def read_now(self) -> bytes | None:
-        if self.served >= self.allowed:
-            return None
-        self.served += 1
-        if not self.chunks:
-            return b""
-        data = self.chunks.pop(0)
-        self.counter.feed(data)
-        return data
-
-    def watch(self, callback: Callable[[], None]) -> None:
-        self._watcher = callback
-
-    def unwatch(self) -> None:
-        self._watcher = None
 
     async def current_stats(self, timeout_ns: int) -> TcpdumpStats:
         return self.stats
@@ -323,36 +304,3 @@ def test_a_client_that_stops_reading_is_cut_off_so_the_others_go_on(
         assert "reason=client stalled" in ends()[0]
         other.close()
         stalled.close()
-
-
-def test_a_packet_after_a_quiet_spell_goes_out_at_once_and_a_busy_stream_waits_its_budget() -> None:
-    stream = [GLOBAL + record(0, 8), record(1, 8), record(2, 8) + record(3, 8), record(4, 8)]
-
-    async def run() -> tuple[list[float], list[tuple[float, bytes]]]:
-        loop = asyncio.get_running_loop()
-        capture = ScriptedCapture(list(stream))
-        shared = SharedCapture(capture, lambda _: None)  # type: ignore[arg-type]
-        tap = shared.join()
-        sent: list[tuple[float, bytes]] = []
-
-        def send_now(data: bytes) -> bool:  # the client's connection takes it at once
-            sent.append((loop.time(), data))
-            return True
-
-        tap.send_now = send_now
-        await tap.start(10**9)
-        allowed = []
-        for pause in (0.05, 0.05, 0.0, 0.05):  # quiet, quiet, then two busy reads
-            allowed.append(loop.time())
-            capture.allow()
-            await asyncio.sleep(pause)
-        capture.allow()  # the end
-        await asyncio.wait_for(tap.read(), 2)
-        return allowed, sent
-
-    allowed, sent = asyncio.run(asyncio.wait_for(run(), 10))
-    assert [data for _, data in sent] == stream  # one send per read, nothing queued for read()
-    for index in (0, 1, 2):  # each the first after a quiet spell: sent as it was read
-        assert sent[index][0] - allowed[index] < COALESCE_S / 2
-    # Two records in one read: the stream is busy, so the next read waits for more to gather.
-    assert COALESCE_S <= sent[3][0] - sent[2][0] < COALESCE_S + 0.03

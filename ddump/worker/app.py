@@ -11,7 +11,7 @@ from http.client import responses
 from typing import Any
 
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
 import ddump
@@ -194,7 +194,6 @@ class CaptureHandler(TextErrorsHandler):
         capture.on_cut_off = self._cut  # it stalled others sharing its tcpdump
         try:
             await self.flush()  # headers now: the client knows tcpdump listens
-            capture.send_now = self._sender()
             while True:
                 chunk = await capture.read()
                 if not chunk:
@@ -213,41 +212,7 @@ class CaptureHandler(TextErrorsHandler):
         except StreamClosedError:
             self.client_gone = True
         finally:
-            capture.send_now = None
             watch.cancel()
-
-    def _sender(self) -> Callable[[bytes], bool] | None:
-        """Sends a chunk of the body at once while the connection has nothing pending.
-
-        The tap calls it as it reads tcpdump's pipe: the chunk goes out in that same wakeup,
-        with one send(), rather than through a task switch to _stream and Tornado's write and
-        flush (a few times the CPU that tcpdump spends on the packet, at everyday rates). The
-        chunk framing is HTTP1Connection's; what a send leaves is queued on the IOStream, so
-        the order stays, and the tap queues for _stream (with backpressure) while it drains.
-        """
-        connection = self.request.connection
-        if not isinstance(connection, HTTP1Connection) or self._transforms:
-            return None
-        stream = connection.stream
-        if type(stream) is not IOStream:  # not TLS, whose bytes are not the socket's
-            return None
-        sock = stream.socket
-
-        def send_now(data: bytes) -> bool:
-            if stream.writing() or stream.closed():
-                return False
-            frame = b"%x\r\n%b\r\n" % (len(data), data)
-            try:
-                sent = sock.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # the client left: _stream's next write finds out and ends
-                return False
-            if sent < len(frame):
-                stream.write(frame[sent:])
-            return True
-
-        return send_now
 
     def _cut(self) -> None:
         """End the response without its terminating chunk: the client sees a failure."""

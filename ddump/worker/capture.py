@@ -16,7 +16,7 @@ import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,36 +223,19 @@ class Capture:
 
     async def read(self) -> bytes:
         """The next bytes tcpdump wrote, at most READ_SIZE; b"" once it is done."""
-        while (data := self.read_now()) is None:
-            assert self._stdout is not None
-            await self._stdout.readable()
-        return data
-
-    def read_now(self) -> bytes | None:
-        """As read(), but None at once when tcpdump wrote nothing new yet."""
-        stdout = self._stdout
-        if stdout is None or self.counter.cut:
+        if self._stdout is None or self.counter.cut:
             return b""
-        while True:
-            data = stdout.read_now(READ_SIZE)
-            if not data:
-                return data
-            passed = self.counter.feed(data)
-            if self.counter.cut:  # past the stop's time: this is the end
-                self._end_handover()
-                return passed
-            if passed:
-                return passed
-            # else a record header is held back until the next read can judge it
-
-    def watch(self, callback: Callable[[], None]) -> None:
-        """Call `callback` whenever tcpdump's output is readable, until unwatch()."""
-        if self._stdout is not None:
-            self._stdout.watch(callback)
-
-    def unwatch(self) -> None:
-        if self._stdout is not None:
-            self._stdout.unwatch()
+        data = await self._stdout.read(READ_SIZE)
+        if not data:
+            return data
+        passed = self.counter.feed(data)
+        if self.counter.cut:  # past the stop's time: this is the end
+            self._end_handover()
+            if not passed:
+                return b""
+        elif not passed:  # a record header held back until the next read can judge it
+            return await self.read()
+        return passed
 
     def stop(self, reason: str) -> None:
         """Ask tcpdump to finish (what it already wrote can still be read); SIGKILL after grace.

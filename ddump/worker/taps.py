@@ -56,11 +56,6 @@ class SharedCapture:
         self._pump: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # a client took its data, joined or left
         self._stopping = False
-        self._loop = asyncio.get_running_loop()
-        self._parked: asyncio.Future[bool] | None = None  # _drain_pipe's result: ended, or full
-        self._later: asyncio.Handle | None = None  # _drain_pipe's next call, after a pause
-        self._last_read = 0.0  # loop time of the last read from the pipe
-        self._last_records = 0  # tcpdump's records counted by then
 
     @property
     def over(self) -> bool:
@@ -107,80 +102,30 @@ class SharedCapture:
         self._pump = background(self._read_pipe(), f"tcpdump-pipe-{self.capture.pid}")
 
     async def _read_pipe(self) -> None:
-        # The pipe is read by _drain_pipe, a callback of the event loop: one wakeup per read, with
-        # no future or task switch in between (CPU per packet: see BENCHMARKS.md). This task
-        # only waits while some client is full, and for the end.
         capture = self.capture
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._wait_for_room()
-                self._parked = loop.create_future()
-                self._drain_pipe()
-                if await self._parked:  # True: the pipe ended; False: some client is full
+                data = await capture.read()
+                if not data:
                     break
+                first = self.offset
+                self.offset += len(data)
+                if first < GLOBAL_HEADER_LEN:
+                    self.header += data[: GLOBAL_HEADER_LEN - first]
+                for tap in self.taps:
+                    tap.put(data, first)
+                if len(data) < COALESCE_BELOW:
+                    # A quiet pipe gives one packet per read: one HTTP chunk, one send and one
+                    # wakeup of each client. Pausing before the next read lets a few packets
+                    # gather in the pipe (at most COALESCE_S of latency).
+                    await asyncio.sleep(COALESCE_S)
         except Exception:
             log.exception("reading tcpdump's output (pid %s) failed", capture.pid)
             capture.abort("worker error")
         finally:
-            capture.unwatch()
-            if self._later is not None:
-                self._later.cancel()
             for tap in self.taps:
                 tap.end()
-
-    def _drain_pipe(self) -> None:
-        """Hand what the pipe holds to the clients; then wait for more, pause, or park."""
-        self._later = None
-        parked = self._parked
-        if parked is None or parked.done():
-            return
-        capture = self.capture
-        try:
-            while True:
-                for tap in self.taps:
-                    if tap.backlog >= TAP_BACKLOG:
-                        capture.unwatch()
-                        parked.set_result(False)
-                        return
-                data = capture.read_now()
-                if data is None:  # nothing yet: called again when tcpdump writes
-                    capture.watch(self._drain_pipe)
-                    return
-                if not data:
-                    capture.unwatch()
-                    parked.set_result(True)
-                    return
-                self._hand_out(data)
-                if len(data) >= COALESCE_BELOW:  # a full pipe: let others run, then read on
-                    capture.unwatch()
-                    self._later = self._loop.call_soon(self._drain_pipe)
-                    return
-                now = self._loop.time()
-                records = capture.counter.records
-                busy = records - self._last_records > 1 or now - self._last_read < COALESCE_S
-                self._last_read, self._last_records = now, records
-                if busy:
-                    # A busy stream read as it comes gives one packet per read: one HTTP
-                    # chunk, one send, and wakeups of this worker and of the CLI, each costing
-                    # more CPU than tcpdump spends on the packet. So while packets come closer
-                    # than COALESCE_S apart, the next read waits that long for more to gather
-                    # in the pipe: a budget of COALESCE_S of latency. A packet after a quiet
-                    # spell finds the pipe watched and goes out at once.
-                    capture.unwatch()
-                    self._later = self._loop.call_later(COALESCE_S, self._drain_pipe)
-                    return
-        except Exception as error:  # to _read_pipe, which logs it and aborts the capture
-            capture.unwatch()
-            parked.set_exception(error)
-
-    def _hand_out(self, data: bytes) -> None:
-        first = self.offset
-        self.offset += len(data)
-        if first < GLOBAL_HEADER_LEN:
-            self.header += data[: GLOBAL_HEADER_LEN - first]
-        for tap in self.taps:
-            tap.put(data, first)
 
     async def _wait_for_room(self) -> None:
         loop = asyncio.get_running_loop()
@@ -248,9 +193,6 @@ class Tap:
         self.backlog = 0
         self.full_since = 0.0  # loop time the backlog reached TAP_BACKLOG
         self.on_cut_off: Callable[[], None] | None = None  # ends the client's response
-        # Sends data to the client at once if it can (its connection has nothing pending),
-        # without waking the task that reads this tap: else the data waits for read().
-        self.send_now: Callable[[bytes], bool] | None = None
         self._wake = asyncio.Event()
         self._ended = False
         self._drain_timer: object | None = None
@@ -303,19 +245,13 @@ class Tap:
     def _take(self, data: bytes) -> None:
         passed = self.counter.feed(data)
         if passed:
-            if not self._chunks and self.send_now is not None and self.send_now(passed):
-                self.relayed += len(passed)
-            else:
-                self._queue(passed)
+            self._chunks.append(passed)
+            if self.backlog < TAP_BACKLOG <= self.backlog + len(passed):
+                self.full_since = asyncio.get_running_loop().time()
+            self.backlog += len(passed)
+            self._wake.set()
         if self.counter.cut:  # past this client's stop: its stream ends here
             self.end()
-
-    def _queue(self, passed: bytes) -> None:
-        self._chunks.append(passed)
-        if self.backlog < TAP_BACKLOG <= self.backlog + len(passed):
-            self.full_since = asyncio.get_running_loop().time()
-        self.backlog += len(passed)
-        self._wake.set()
 
     def end(self) -> None:
         """No more data for this client (what it was given can still be read)."""
