@@ -73,9 +73,10 @@ class _Marks:
     A stream's mark is max(newest - 1, T + offset - delay), T being now minus the max delay:
     its newest record until T passes newest - 1 - (offset - delay), its crossing point, then
     the idle term. So the streams not yet crossed are kept by newest, the crossed ones by
-    offset - delay, and the crossing points in a third heap that T, which only grows, pops.
-    Entries are deleted lazily: each carries its stream's version, bumped by every change,
-    and a heap grown past twice the streams is rebuilt from its current entries.
+    offset - delay, and the crossing points in a third heap that T pops as it grows (if it
+    goes back, a new max delay, everything is rebuilt). Entries are deleted lazily: each
+    carries its stream's version, bumped by every change; once the heaps hold twice the
+    entries they can need (three per stream), they are rebuilt from the current ones.
     """
 
     def __init__(self, streams: list[StreamState]) -> None:
