@@ -10,7 +10,8 @@ order (if it is not already) and kept whole, released prefixes are cut with one 
 released runs of all streams are merged in one call, which keeps ties in stream order.
 
 Nothing per call walks every stream: heaps keep the streams by their oldest buffered record
-(what a release must visit) and the untimed ones by their newest (what bounds the mark).
+(what a release must visit), the untimed ones by their newest, and the timed ones by what
+their marks are made of (_Marks), so a call costs the changes since the last one.
 Measured merging 1,000 files: walking every stream for each block read took 90 % of the time.
 """
 
@@ -66,12 +67,96 @@ class _Newest:
         return None
 
 
+class _Marks:
+    """The least low-water mark of the live timed streams, without walking them per call.
+
+    A stream's mark is max(newest - 1, T + offset - delay), T being now minus the max delay:
+    its newest record until T passes newest - 1 - (offset - delay), its crossing point, then
+    the idle term. So the streams not yet crossed are kept by newest, the crossed ones by
+    offset - delay, and the crossing points in a third heap that T pops as it grows (if it
+    goes back, a new max delay, everything is rebuilt). Entries are deleted lazily: each
+    carries its stream's version, bumped by every change; once the heaps hold twice the
+    entries they can need (three per stream), they are rebuilt from the current ones.
+    """
+
+    def __init__(self, streams: list[StreamState]) -> None:
+        self._streams = streams
+        self._version: list[int] = []
+        self._crossed: list[bool] = []
+        self._by_newest: list[tuple[int, int, int]] = []  # (newest - 1, stream, version)
+        self._by_crossing: list[tuple[int, int, int]] = []  # (crossing point, ...)
+        self._by_offset: list[tuple[int, int, int]] = []  # (offset - delay, ...): crossed
+        self._time = -FOREVER  # the latest T
+
+    def add(self) -> None:
+        self._version.append(0)
+        self._crossed.append(False)
+
+    def update(self, stream: int) -> None:
+        """The stream's newest record, clock offset or liveness changed."""
+        self._version[stream] = version = self._version[stream] + 1
+        self._crossed[stream] = False
+        state = self._streams[stream]
+        if state.live:
+            newest = state.newest_ns - 1
+            crossing = newest - (state.clock_offset_ns - state.delay_ns)
+            heapq.heappush(self._by_newest, (newest, stream, version))
+            heapq.heappush(self._by_crossing, (crossing, stream, version))
+
+    def least(self, time: int) -> int:
+        """The least mark at T = `time` (FOREVER if no timed stream is live)."""
+        if time < self._time:  # T went back (another max delay): start over
+            self._rebuild()
+        self._time = time
+        version, crossed, streams = self._version, self._crossed, self._streams
+        by_crossing, by_offset = self._by_crossing, self._by_offset
+        while by_crossing and by_crossing[0][0] <= time:
+            _, stream, seen = heapq.heappop(by_crossing)
+            if seen == version[stream]:
+                crossed[stream] = True
+                state = streams[stream]
+                heapq.heappush(by_offset, (state.clock_offset_ns - state.delay_ns, stream, seen))
+        mark = FOREVER
+        by_newest = self._by_newest
+        while by_newest:
+            _, stream, seen = by_newest[0]
+            if seen == version[stream] and not crossed[stream]:
+                mark = by_newest[0][0]
+                break
+            heapq.heappop(by_newest)
+        while by_offset:
+            offset, stream, seen = by_offset[0]
+            if seen == version[stream]:
+                mark = min(mark, time + offset)
+                break
+            heapq.heappop(by_offset)
+        if len(by_newest) + len(by_crossing) + len(by_offset) > 6 * len(streams) + 64:
+            self._compact()
+        return mark
+
+    def _compact(self) -> None:
+        version, crossed = self._version, self._crossed
+        self._by_newest = [
+            e for e in self._by_newest if e[2] == version[e[1]] and not crossed[e[1]]
+        ]
+        self._by_crossing = [e for e in self._by_crossing if e[2] == version[e[1]]]
+        self._by_offset = [e for e in self._by_offset if e[2] == version[e[1]]]
+        for heap in (self._by_newest, self._by_crossing, self._by_offset):
+            heapq.heapify(heap)
+
+    def _rebuild(self) -> None:
+        self._by_newest, self._by_crossing, self._by_offset = [], [], []
+        for stream, state in enumerate(self._streams):
+            if state.timed:
+                self.update(stream)
+
+
 class Merger:
     """Buffers records of many streams and releases them in timestamp order."""
 
     def __init__(self) -> None:
         self.streams: list[StreamState] = []
-        self._timed: list[StreamState] = []
+        self._marks = _Marks(self.streams)
         self._untimed = _Newest(self.streams)  # bounds the mark by their newest records
         self._pulled = _Newest(self.streams)
         self._unstarted = 0  # live streams not started: nothing is released meanwhile
@@ -100,8 +185,9 @@ class Merger:
         self._unsorted.append(False)
         self._head.append(None)
         index = len(self.streams) - 1
+        self._marks.add()
         if timed:
-            self._timed.append(state)
+            self._marks.update(index)
             self._unstarted += 1
         else:
             self._untimed.update(index)
@@ -120,6 +206,8 @@ class Merger:
             self._unstarted -= 1
         state.started = True
         state.clock_offset_ns = clock_offset_ns
+        if state.timed:
+            self._marks.update(stream)
 
     def end_stream(self, stream: int) -> None:
         """The stream will send nothing more: it no longer holds the others back."""
@@ -127,6 +215,8 @@ class Merger:
         if state.live and not state.started:
             self._unstarted -= 1
         state.live = False
+        if state.timed:
+            self._marks.update(stream)  # its entries are stale: it holds nobody back
 
     def push(self, stream: int, records: Records) -> Records:
         """Buffer a batch; return its records that are already late, to be written at once.
@@ -160,7 +250,9 @@ class Merger:
             newest = batches.last_ts(records)
             if newest > state.newest_ns:
                 state.newest_ns = newest
-                if not state.timed:
+                if state.timed:
+                    self._marks.update(stream)
+                else:
                     self._untimed.update(stream)
                     if state.pulled:
                         self._pulled.update(stream)
@@ -174,12 +266,8 @@ class Merger:
         # microsecond inputs): only what is older than that is settled.
         least = self._untimed.least()
         mark = FOREVER if least is None else least - 1
-        idle_mark = now_ns - max_delay_ns
-        for state in self._timed:
-            if state.live:
-                idle = idle_mark - state.delay_ns + state.clock_offset_ns
-                mark = min(mark, max(state.newest_ns - 1, idle))
-        return mark
+        # Each live timed stream: max(newest_ns - 1, now - max delay - delay + clock offset).
+        return min(mark, self._marks.least(now_ns - max_delay_ns))
 
     def pulled_mark(self) -> int:
         """What a release may reach without making a pulled stream's next record late.

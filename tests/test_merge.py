@@ -196,3 +196,71 @@ def test_oldest_mark_is_where_the_oldest_records_end() -> None:
     assert [merger.oldest_mark(n) for n in (1, 2, 3, 4)] == [10, 20, 30, 40]
     assert [ts for ts, _ in merger.release(merger.oldest_mark(3))] == [10, 20, 30]
     assert merger.buffered == 1
+
+
+def walked_watermark(merger: Merger, now_ns: int, max_delay_ns: int) -> int:
+    """The watermark by its definition: every stream's mark, walked (what _Marks must equal)."""
+    if any(s.live and not s.started for s in merger.streams):
+        return -1
+    untimed = [s.newest_ns - 1 for s in merger.streams if s.live and not s.timed]
+    timed = [
+        max(s.newest_ns - 1, now_ns - max_delay_ns - s.delay_ns + s.clock_offset_ns)
+        for s in merger.streams
+        if s.live and s.timed
+    ]
+    return min([FOREVER, *untimed, *timed])
+
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(0, 7), st.integers(0, 3000)),
+        st.tuples(st.just("start"), st.integers(0, 7), st.integers(-500, 500)),
+        st.tuples(st.just("end"), st.integers(0, 7), st.just(0)),
+        st.tuples(st.just("tick"), st.integers(0, 800), st.integers(0, 400)),
+    ),
+    max_size=80,
+)
+
+
+@given(
+    kinds=st.lists(
+        st.tuples(st.booleans(), st.sampled_from([0, 0, 50, 700])), min_size=1, max_size=8
+    ),
+    steps=steps,
+)
+def test_watermark_is_the_least_mark_of_the_live_streams_without_walking_them(
+    kinds: list[tuple[bool, int]], steps: list[tuple[str, int, int]]
+) -> None:
+    merger = Merger()
+    for index, (timed, delay) in enumerate(kinds):
+        merger.add_stream(str(index), timed=timed, delay_ns=delay if timed else 0)
+        merger.start_stream(index)
+    now, max_delay = 1000, 250
+    for action, which, value in steps:
+        stream = which % len(kinds)
+        if action == "push":
+            merger.push(stream, [rec(value), rec(value + 3)])
+        elif action == "start":
+            merger.start_stream(stream, value)
+        elif action == "end":
+            merger.end_stream(stream)
+        else:  # time goes on; now and then the allowed delay changes
+            now += which
+            if value > 300:
+                max_delay = (value - 300) * 10
+        assert merger.watermark(now, max_delay) == walked_watermark(merger, now, max_delay)
+
+
+def test_watermark_bookkeeping_stays_bounded_by_the_streams_however_long_it_runs() -> None:
+    merger = Merger()
+    streams = [merger.add_stream(str(i)) for i in range(64)]
+    for stream in streams:
+        merger.start_stream(stream)
+    merger.start_stream(streams[0], -3600 * 1000 * MS)  # a clock an hour behind: holds the mark
+    for tick in range(1, 20_000):
+        merger.push(streams[tick % 64], [rec(tick * MS)])
+        assert merger.watermark(tick * MS, 250 * MS) == walked_watermark(
+            merger, tick * MS, 250 * MS
+        )
+    marks = merger._marks
+    assert len(marks._by_newest) + len(marks._by_crossing) + len(marks._by_offset) <= 6 * 64 + 64
