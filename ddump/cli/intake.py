@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 from ddump import records as batches
 from ddump.cli.files import FileSource
 from ddump.cli.output import OutputClosed
-from ddump.cli.runs import LIVE, MAX_BUFFERED, Run, SessionParts, is_pulled
+from ddump.cli.runs import LIVE, Run, SessionParts, is_pulled
 from ddump.cli.sources import StreamFailure
 from ddump.decode import DecodeError, Segment
 from ddump.errors import DdumpError, PcapFormatError
@@ -60,6 +60,7 @@ class Intake(SessionParts):
         if run.linktype is None and run.decoder.linktype is not None:
             run.linktype = run.decoder.linktype
             run.opened_at = None
+            self._awaiting_header.discard(run.index)
             if run.clock_known:  # else its first packet starts it (_learn_clock)
                 self.merger.start_stream(run.index, run.clock_offset_ns)
             self._start_pcapng(run)
@@ -193,15 +194,15 @@ class Intake(SessionParts):
         if self.output.closed:
             return
         self._choose_linktype()
-        if self.merger.buffered + self.staged > MAX_BUFFERED:
+        if self.merger.buffered + self.staged > self.hold_cap:
             self._stop_waiting_for_silent_streams()
         mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
-        if self.merger.buffered > MAX_BUFFERED and mark < self.merger.pulled_mark():
+        if self.merger.buffered > self.hold_cap and mark < self.merger.pulled_mark():
             # A quiet stream without a clock (stdin, a FIFO) holds the others back for as long
             # as it is quiet: past the bound, the oldest half goes out anyway; what that stream
             # sends later from before them is written late (counted), never dropped. Never
             # past a pulled file's next record: files stay exact.
-            oldest = self.merger.oldest_mark(self.merger.buffered - MAX_BUFFERED // 2)
+            oldest = self.merger.oldest_mark(self.merger.buffered - self.hold_cap // 2)
             mark = max(mark, min(oldest, self.merger.pulled_mark()))
             if not self._warned_full:
                 self._warned_full = True
@@ -218,7 +219,7 @@ class Intake(SessionParts):
                 else:
                     waiting_for = "slower targets"
                 self.reporter.warn(
-                    f"more than {MAX_BUFFERED} packets held back for {waiting_for}: writing "
+                    f"more than {self.hold_cap} packets held back for {waiting_for}: writing "
                     "the oldest; what those send later from before them will be written late"
                 )
         try:
@@ -245,10 +246,11 @@ class Intake(SessionParts):
         self.output.write(records)
 
     def _stop_waiting_for_silent_streams(self) -> None:
-        # After the startup grace, or past MAX_BUFFERED records (memory stays bounded), a
+        # After the startup grace, or past the hold cap (memory stays bounded), a
         # stream that has not sent its pcap header yet (still connecting, say) no longer holds
         # the others: its mark follows the clock like a quiet stream's.
         for run in self.runs:
             if not self.merger.streams[run.index].started:
                 run.opened_at = None
+                self._awaiting_header.discard(run.index)
                 self.merger.start_stream(run.index, run.clock_offset_ns)

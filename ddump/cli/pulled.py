@@ -10,7 +10,7 @@ import time
 
 from ddump import records as batches
 from ddump.cli.files import FileReader, FileSource
-from ddump.cli.runs import MAX_BUFFERED, TICK_S, Run, SessionParts, decoder_for
+from ddump.cli.runs import TICK_S, Run, SessionParts, decoder_for
 from ddump.cli.sources import Opened, StreamFailure
 from ddump.records import Records
 
@@ -56,7 +56,7 @@ class FilePuller(SessionParts):
                     self.merger.end_stream(index)
                     self._release()
                 pulled += 1
-                if pulled % release_every == 0 or self.merger.buffered > MAX_BUFFERED // 2:
+                if pulled % release_every == 0 or self.merger.buffered > self.hold_cap // 2:
                     self._release()
                 pending = None if self.stopping else self.output.drained()
                 if pending is not None:
@@ -77,9 +77,9 @@ class FilePuller(SessionParts):
         """Read more of the files while they hold the merge back, or memory is to spare.
 
         A live target that holds the merge (a quiet stdin, a worker still connecting) must
-        not make the files pile up in memory: past MAX_BUFFERED they wait for it.
+        not make the files pile up in memory: past the hold cap they wait for it.
         """
-        if self.merger.buffered + self.staged <= MAX_BUFFERED:
+        if self.merger.buffered + self.staged <= self.hold_cap:
             return True
         now = time.time_ns()
         return self.merger.watermark(now, self.settings.max_delay_ns) >= self.merger.pulled_mark()

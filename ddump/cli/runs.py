@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 
 TICK_S = 0.02
-MAX_BUFFERED = 200_000  # records held for ordering: about 300 MB of 1500-byte packets
+# Records held for ordering, at least (about 300 MB of 1500-byte packets), and per target: a
+# burst of 1,024 targets x 500 records must not pass a fixed cap and turn into late records.
+MAX_BUFFERED = 200_000
+HOLD_PER_TARGET = 1_000
 LIVE = (Target, SshTarget)  # captures, with a clock: a worker's, or tcpdump's over SSH
 
 
@@ -58,6 +61,7 @@ class Run:
     clock_offset_ns: int = 0  # worker clock minus ours: at least this...
     clock_offset_high_ns: int = 0  # ...and at most this (a round trip above the headers' low)
     opened_at: float | None = None  # loop time of the 200, while its pcap header is awaited
+    # (also in SessionParts._awaiting_header meanwhile, so the ticker need not walk every run)
     opened: Opened | None = None
     staged: list[tuple[int, Records]] = field(default_factory=list)  # (link type, records)
     failed: bool = False
@@ -81,6 +85,8 @@ class SessionParts:
     settings: SessionSettings
     stopping: bool
     staged: int  # records held until the output's link type is known
+    hold_cap: int  # records held for ordering at most (see MAX_BUFFERED)
+    _awaiting_header: set[int]  # runs that answered and have not sent their header yet
     fatal: DdumpError | None
     _cutoff_ns: int | None  # the time of a stop that waits for batch targets
     _warned_full: bool

@@ -25,7 +25,9 @@ from ddump.cli.output import Output, OutputClosed
 from ddump.cli.pulled import FilePuller
 from ddump.cli.report import Gap, Reporter, TargetCounts
 from ddump.cli.runs import (
+    HOLD_PER_TARGET,
     LIVE,
+    MAX_BUFFERED,
     TICK_S,
     Run,
     SessionSettings,
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from ddump.cli.stream import CaptureStream
 
 STATUS_EVERY_S = 1.0
+READER_CHECK_TICKS = 5  # 100 ms
 STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 
 
@@ -81,6 +84,8 @@ class Session(Intake, FilePuller, DropCounts):
         self.stopping = False
         self.stop_reason = ""
         self.staged = 0  # records held until the output's link type is known
+        self.hold_cap = max(MAX_BUFFERED, HOLD_PER_TARGET * len(self.runs))
+        self._awaiting_header: set[int] = set()
         self._warned_full = False
         self._stop_timer: asyncio.TimerHandle | None = None
         self._cutoff_ns: int | None = None  # the time of a stop that waits for batch targets
@@ -370,6 +375,7 @@ class Session(Intake, FilePuller, DropCounts):
         )
         run.opened = opened
         run.opened_at = asyncio.get_running_loop().time()
+        self._awaiting_header.add(run.index)
         if opened.capture_id is not None:
             run.capture_ids.append(opened.capture_id)
         note = ""
@@ -412,14 +418,18 @@ class Session(Intake, FilePuller, DropCounts):
         # A worker sends the pcap header as soon as tcpdump starts; one that answered but stays
         # silent must not hold the others back for longer than --max-delay either.
         grace = self.settings.max_delay_ns / 1e9
-        for run in self.runs:
-            if run.opened_at is not None and now - run.opened_at > grace:
-                run.opened_at = None
-                self.merger.start_stream(run.index, run.clock_offset_ns)
+        for index in list(self._awaiting_header):
+            run = self.runs[index]
+            if run.opened_at is None or now - run.opened_at > grace:
+                self._awaiting_header.discard(index)
+                if run.opened_at is not None:
+                    run.opened_at = None
+                    self.merger.start_stream(run.index, run.clock_offset_ns)
 
     async def _tick(self) -> None:
         next_status = 0.0
         last_packets = 0
+        ticks = 0
         loop = asyncio.get_running_loop()
         # Output waits for every target to start, to know its clock and link type first; but
         # a target still connecting after the grace (an unreachable host waits out the whole
@@ -430,9 +440,14 @@ class Session(Intake, FilePuller, DropCounts):
             if grace_ends and loop.time() > grace_ends:
                 grace_ends = 0.0
                 self._stop_waiting_for_silent_streams()
-            self._start_silent_streams(loop.time())
-            self._release()
-            if self.output.reader_gone():
+            ticks += 1
+            if self._awaiting_header:
+                self._start_silent_streams(loop.time())
+            if self.merger.buffered or self.staged:  # else a release has nothing to do
+                self._release()
+            # A poll per tick cost more than the tick's other work for a quiet capture: a
+            # reader gone (`| head`) is seen within READER_CHECK_TICKS ticks instead.
+            if ticks % READER_CHECK_TICKS == 0 and self.output.reader_gone():
                 self._take_output_error()
                 self.stop(str(self.output.error or "output closed"))
             now = loop.time()
