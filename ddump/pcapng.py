@@ -212,16 +212,7 @@ class PcapngWriter:
             return self._encode_sll2(state, records)
         if state.whole_id is None:
             state.whole_id = self._interface(state, None)
-        interface = state.whole_id
-        self.packets[interface] += len(records)
-        layouts = self._layouts
-        get = layouts.get
-        out: list[Record] = []
-        append = out.append
-        for ts, rec in records:
-            pack, total = get(len(rec)) or self._layout(len(rec))
-            append((ts, pack(BLOCK_EPB, total, interface, ts >> 32, ts & _LOW32, rec[8:], total)))
-        return out
+        return self._epbs(state.whole_id, records)
 
     def encode_input(
         self, target: int, iface: InputInterface, records: Sequence[Record]
@@ -236,6 +227,10 @@ class PcapngWriter:
         interface = state.inputs.get(iface)
         if interface is None:
             interface = self._input_interface(state, iface)
+        return self._epbs(interface, records)
+
+    def _epbs(self, interface: int, records: Sequence[Record]) -> list[Record]:
+        """The records as EPBs of one interface, counted for its statistics."""
         self.packets[interface] += len(records)
         get = self._layouts.get
         out: list[Record] = []

@@ -14,7 +14,7 @@ from urllib.parse import quote, unquote, unquote_plus
 
 from ddump.errors import UsageError
 from ddump.protocol import BATCH_PARAM, flag_value
-from ddump.targets import validate_host, validate_port
+from ddump.targets import split_host_port
 from ddump.worker.filter import FilterError, check_parentheses
 from ddump.worker.params import parse_query
 
@@ -112,7 +112,7 @@ def _parse(rest: str, default_filter: str | None) -> SshTarget:
         user = unquote(userinfo)
         if not user or user.startswith("-") or any(c.isspace() for c in user):
             raise UsageError(f"bad user {user!r}")
-    host, port = _split_host_port(hostport)
+    host, port = split_host_port(hostport, "ssh")
     options = _query(query)
     sudo = _flag(options.pop(SUDO_PARAM, None), SUDO_PARAM)
     try:
@@ -146,28 +146,6 @@ def check_ssh_filter(text: str | None) -> str | None:
     except FilterError as error:
         raise UsageError(str(error)) from None
     return text.strip()
-
-
-def _split_host_port(hostport: str) -> tuple[str, int | None]:
-    port_text: str | None = None
-    if hostport.startswith("["):
-        host, bracket, after = hostport[1:].partition("]")
-        if not bracket or (after and not after.startswith(":")):
-            raise UsageError("write an IPv6 address as [ADDRESS] or [ADDRESS]:PORT")
-        port_text = after[1:] if after else None
-        if ":" not in host:
-            raise UsageError(f"[{host}] is not an IPv6 address")
-    elif hostport.count(":") > 1:
-        raise UsageError(f"write an IPv6 address in brackets: ssh://[{hostport}]")
-    else:
-        host, colon, port_text_ = hostport.partition(":")
-        port_text = port_text_ if colon else None
-    host = validate_host(host)
-    if port_text is None:
-        return host, None
-    if not port_text.isascii() or not port_text.isdigit():
-        raise UsageError(f"bad port {port_text!r}: expected a number from 1 to 65535")
-    return host, validate_port(int(port_text))
 
 
 def _query(query: str) -> dict[str, str]:

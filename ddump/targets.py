@@ -161,8 +161,12 @@ def _missing_scheme(text: str, match: re.Match[str] | None) -> UsageError:
     return UsageError(f"target URL without a scheme: did you mean {redact(suggestion)}?")
 
 
-def split_host_port(hostport: str) -> tuple[str, int | None]:
-    """Split "host", "host:port", "[v6]" or "[v6]:port"; the port is None when absent."""
+def split_host_port(hostport: str, scheme: str = "http") -> tuple[str, int | None]:
+    """Split "host", "host:port", "[v6]" or "[v6]:port"; the port is None when absent.
+
+    `scheme` names the URL kind in messages (its default port, when it has one of ours).
+    """
+    default_port = f":{DEFAULT_PORT}" if scheme in SCHEMES else ""
     port_text: str | None = None
     if hostport.startswith("["):
         host, bracket, after = hostport[1:].partition("]")
@@ -176,7 +180,9 @@ def split_host_port(hostport: str) -> tuple[str, int | None]:
         if ":" not in host:
             raise UsageError(f"[{host}] is not an IPv6 address")
     elif hostport.count(":") > 1:
-        raise UsageError(f"write an IPv6 address in brackets: http://[{hostport}]:{DEFAULT_PORT}")
+        raise UsageError(
+            f"write an IPv6 address in brackets: {scheme}://[{hostport}]{default_port}"
+        )
     else:
         host, colon, port_text_ = hostport.partition(":")
         port_text = port_text_ if colon else None
@@ -184,7 +190,9 @@ def split_host_port(hostport: str) -> tuple[str, int | None]:
     if port_text is None:
         return host, None
     if not port_text:
-        raise UsageError(f"empty port: leave out the ':' to use {DEFAULT_PORT}")
+        raise UsageError(
+            f"empty port: leave out the ':' to use {default_port[1:] or 'the default'}"
+        )
     if not port_text.isascii() or not port_text.isdigit():
         raise UsageError(f"bad port {port_text!r}: expected a number from 1 to 65535")
     return host, validate_port(int(port_text))
