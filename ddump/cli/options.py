@@ -33,8 +33,10 @@ A TARGET may also be a host reached over SSH, where only tcpdump is needed (no w
   ssh://[USER@]HOST[:PORT][?filter=BPF&snaplen=N&count=N&duration=S&batch=1&sudo=1]
 It runs your ssh client (your ~/.ssh/config, agent and known_hosts; never a prompt, never a
 password in the URL); sudo=1 (or --sudo) runs tcpdump with `sudo -n`.
-A TARGET may also be a capture file (a path, file:///path, or - for stdin): files are merged
-by their timestamps alone, like mergecap. Only pcap goes to stdout; messages go to stderr.
+A TARGET may also be a capture file (a path, file:///path, or - for stdin): pcap, pcapng,
+or either gzip-compressed. Files are merged exactly, like mergecap (each is read when the
+merge needs it); stdin and FIFOs like live targets. Only pcap goes to stdout (or pcapng with
+--format pcapng); messages go to stderr.
 
 Each setting of a target comes from, in this order: the target's own (its URL, its inventory
 keys), then the command line (--filter, -s, --batch), then the inventory's defaults. A target
