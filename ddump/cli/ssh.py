@@ -6,8 +6,8 @@ sshd's default MaxSessions: 20 targets on one host open 2 connections, not 20, s
 MaxStartups (10 unauthenticated connections by default, then random refusals) is never near.
 The connection is made once, authenticated once, and each capture is a session on it. A
 target alone on its host needs no sharing: its capture is the connection's first session,
-without the separate master and the wait for its socket (0.1-0.2 s less to the first byte for
-16 hosts, BENCHMARKS.md part 5).
+without the separate master and the wait for its socket (16 hosts: first byte 1.98 s against
+2.39 s in the median, BENCHMARKS.md part 5).
 
 Every ssh process runs in a session of its own (a Ctrl-C at the terminal reaches ddump only,
 which then stops each capture cleanly, counts included) and is killed if ddump dies.
@@ -287,12 +287,15 @@ class SshStream:
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
         reader = asyncio.ensure_future(self._read_stderr(process))
+        # A session that makes its own connection first has ssh's ConnectTimeout too (ssh's
+        # own failure comes first, and names the host).
+        grace_s = LISTEN_GRACE_S if self.shared else LISTEN_GRACE_S + self.connect_timeout_s + 5
         try:
-            if not await self._wait_until_listening():
+            if not await self._wait_until_listening(grace_s):
                 self._stop_remote()
                 await self._ended(process)
                 raise StreamFailure(
-                    f"tcpdump did not start listening within {LISTEN_GRACE_S:g} s: "
+                    f"tcpdump did not start listening within {grace_s:g} s: "
                     + self._failure(process.returncode)
                 )
             if not self._listening.is_set():
@@ -320,15 +323,15 @@ class SshStream:
             return
         raise StreamFailure(self._failure(process.returncode))
 
-    async def _wait_until_listening(self) -> bool:
-        """Until tcpdump listens, the session ends or close(); False after LISTEN_GRACE_S."""
+    async def _wait_until_listening(self, grace_s: float) -> bool:
+        """Until tcpdump listens, the session ends or close(); False after grace_s."""
         waits = [
             asyncio.ensure_future(event.wait())
             for event in (self._listening, self._stderr_done, self._closed)
         ]
         try:
             done, _ = await asyncio.wait(
-                waits, timeout=LISTEN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+                waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             for wait in waits:
