@@ -436,3 +436,40 @@ def test_ddump_killed_outright_leaves_no_remote_tcpdump(site: SshSite, tmp_path:
         left = tcpdumps(h1, wait=2)
 
     assert left == []
+
+
+def _ssh_children(pid: int) -> list[int]:
+    """The ssh processes ddump (pid) started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            comm, ppid = (
+                stat[stat.index("(") + 1 : stat.rindex(")")],
+                stat.rsplit(")", 1)[1].split()[1],
+            )
+            if comm == "ssh" and int(ppid) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_a_target_alone_on_its_host_is_one_ssh_process_and_two_share_a_master(
+    site: SshSite, tmp_path: Path
+) -> None:
+    with Fleet(2) as fleet:
+        h1, h2 = fleet.hosts
+        site.serve(h1)
+        site.serve(h2)
+        # h1 alone: its capture is its connection. h2 twice: one master and two sessions.
+        urls = [ssh_url(h1), ssh_url(h2, "udp port 5001"), ssh_url(h2, "udp port 5002")]
+        cli = Cli(site, urls, tmp_path / "out.pcap")
+        cli.wait_for(": capturing", n=3)
+        processes = len(_ssh_children(cli.process.pid))
+        status = cli.finish()
+        left = tcpdumps(h1, wait=1) + tcpdumps(h2, wait=1)
+
+    assert processes == 1 + 3, cli.stderr
+    assert status == 0, cli.stderr
+    assert left == []

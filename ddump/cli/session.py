@@ -348,9 +348,10 @@ class Session(Intake, FilePuller, DropCounts):
         if isinstance(target, FileSource):
             return FileStream(target)
         if isinstance(target, SshTarget):
-            from ddump.cli.ssh import SshStream
+            from ddump.cli.ssh import SshStream, shares_connection
 
-            return SshStream(target, self.settings.connect_timeout_s)
+            shared = shares_connection(target, (r.target for r in self.runs))
+            return SshStream(target, self.settings.connect_timeout_s, shared=shared)
         # Here, not at the top: merging capture files needs neither Tornado nor the network.
         from ddump.cli.stream import CaptureStream
 

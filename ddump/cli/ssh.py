@@ -4,7 +4,10 @@ Targets on one host share one SSH connection (an `ssh -N` ControlMaster on a con
 a private directory ddump creates and removes), at most SESSIONS_PER_CONNECTION sessions each,
 sshd's default MaxSessions: 20 targets on one host open 2 connections, not 20, so sshd's
 MaxStartups (10 unauthenticated connections by default, then random refusals) is never near.
-The connection is made once, authenticated once, and each capture is a session on it.
+The connection is made once, authenticated once, and each capture is a session on it. A
+target alone on its host needs no sharing: its capture is the connection's first session,
+without the separate master and the wait for its socket (16 hosts: first byte 1.98 s against
+2.39 s in the median, BENCHMARKS.md part 5).
 
 Every ssh process runs in a session of its own (a Ctrl-C at the terminal reaches ddump only,
 which then stops each capture cleanly, counts included) and is killed if ddump dies.
@@ -19,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
@@ -46,6 +49,19 @@ STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then 
 LISTEN_GRACE_S = 10.0
 _SOCKET_POLL_S = 0.01
 _SSH_FAILED = 255  # ssh's own exit status: the connection failed, not the remote command
+_NO_CONTROL = "none"  # ControlPath for a connection of its own: no socket, none of the user's
+
+
+def connection_key(target: SshTarget) -> tuple[object, ...]:
+    """Targets with the same key may share one connection."""
+    return (target.user, target.host, target.port, target.ssh_options)
+
+
+def shares_connection(target: SshTarget, targets: Iterable[object]) -> bool:
+    """Whether another of `targets` goes to the same destination as `target`."""
+    key = connection_key(target)
+    same = sum(1 for t in targets if isinstance(t, SshTarget) and connection_key(t) == key)
+    return same > 1
 
 
 async def _spawn(argv: list[str], *, stdin: int) -> asyncio.subprocess.Process:
@@ -139,7 +155,7 @@ class SshConnections:
 
     async def acquire(self, target: SshTarget, timeout_s: float) -> _Connection:
         """A connection with room for one more session (made if needed), once it is up."""
-        key = (target.user, target.host, target.port, target.ssh_options)
+        key = connection_key(target)
         pool = self._by_key.setdefault(key, [])
         connection = next(
             (c for c in pool if c.users < SESSIONS_PER_CONNECTION and not c.failed), None
@@ -195,8 +211,11 @@ class SshStream:
         target: SshTarget,
         connect_timeout_s: float,
         connections: SshConnections = CONNECTIONS,
+        *,
+        shared: bool = True,
     ) -> None:
         self.target = target
+        self.shared = shared  # False: the capture's session makes the connection itself
         self.connect_timeout_s = connect_timeout_s
         self.connections = connections
         self.capture_counts: CaptureCounts | None = None
@@ -211,19 +230,30 @@ class SshStream:
         self._clock: list[tuple[int, int]] = []  # (remote clock, our time when it came)
 
     async def run(self, on_opened: OpenedCallback, on_data: DataCallback) -> None:
+        if not self.shared:
+            if self._closing:
+                return
+            try:
+                await self._capture(_NO_CONTROL, on_opened, on_data)
+            finally:
+                await self._reap()
+            return
         connection = await self._connect()
         if connection is None:
             return
         try:
-            await self._capture(connection, on_opened, on_data)
+            await self._capture(connection.control_path, on_opened, on_data)
         finally:
-            if self._kill_timer is not None:
-                self._kill_timer.cancel()
-            if self._process is not None and self._process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()
-                await self._process.wait()
+            await self._reap()
             await self.connections.release(connection)
+
+    async def _reap(self) -> None:
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            await self._process.wait()
 
     async def _connect(self) -> _Connection | None:
         acquire = asyncio.ensure_future(
@@ -244,12 +274,12 @@ class SshStream:
         return connection
 
     async def _capture(
-        self, connection: _Connection, on_opened: OpenedCallback, on_data: DataCallback
+        self, control_path: str, on_opened: OpenedCallback, on_data: DataCallback
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()
         process = self._process = await _spawn(
-            session_argv(target, connection.control_path, self.connect_timeout_s),
+            session_argv(target, control_path, self.connect_timeout_s),
             stdin=subprocess.PIPE,
         )
         assert process.stdin is not None and process.stdout is not None
@@ -257,12 +287,15 @@ class SshStream:
         with contextlib.suppress(ConnectionError):
             await process.stdin.drain()
         reader = asyncio.ensure_future(self._read_stderr(process))
+        # A session that makes its own connection first has ssh's ConnectTimeout too (ssh's
+        # own failure comes first, and names the host).
+        grace_s = LISTEN_GRACE_S if self.shared else LISTEN_GRACE_S + self.connect_timeout_s + 5
         try:
-            if not await self._wait_until_listening():
+            if not await self._wait_until_listening(grace_s):
                 self._stop_remote()
                 await self._ended(process)
                 raise StreamFailure(
-                    f"tcpdump did not start listening within {LISTEN_GRACE_S:g} s: "
+                    f"tcpdump did not start listening within {grace_s:g} s: "
                     + self._failure(process.returncode)
                 )
             if not self._listening.is_set():
@@ -290,15 +323,15 @@ class SshStream:
             return
         raise StreamFailure(self._failure(process.returncode))
 
-    async def _wait_until_listening(self) -> bool:
-        """Until tcpdump listens, the session ends or close(); False after LISTEN_GRACE_S."""
+    async def _wait_until_listening(self, grace_s: float) -> bool:
+        """Until tcpdump listens, the session ends or close(); False after grace_s."""
         waits = [
             asyncio.ensure_future(event.wait())
             for event in (self._listening, self._stderr_done, self._closed)
         ]
         try:
             done, _ = await asyncio.wait(
-                waits, timeout=LISTEN_GRACE_S, return_when=asyncio.FIRST_COMPLETED
+                waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             for wait in waits:
