@@ -40,8 +40,10 @@ def _keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def ensure_accounts() -> None:
-    """The two test accounts, able to log in with a key only, and their sudo rules."""
+def ensure_accounts() -> list[str]:
+    """The two test accounts, able to log in with a key only, and their sudo rules; returns
+    the accounts it created (remove_accounts undoes it)."""
+    created = []
     for user in (CAP_USER, PLAIN_USER):
         try:
             pwd.getpwnam(user)
@@ -51,6 +53,7 @@ def ensure_accounts() -> None:
                 check=True,
                 timeout=30,
             )
+            created.append(user)
         # "*": no password, but not locked ("!"), which would refuse key logins as well.
         subprocess.run(["usermod", "-p", "*", user], check=True, timeout=30)
     tcpdump = shutil.which("tcpdump") or "/usr/bin/tcpdump"
@@ -61,6 +64,14 @@ def ensure_accounts() -> None:
     if not SUDOERS.exists() or SUDOERS.read_text() != rules:
         SUDOERS.write_text(rules)
         SUDOERS.chmod(0o440)
+    return created
+
+
+def remove_accounts(created: list[str]) -> None:
+    """Leave the machine as it was: the sudo rules, and the accounts the tests made."""
+    SUDOERS.unlink(missing_ok=True)
+    for user in created:
+        subprocess.run(["userdel", user], check=False, timeout=30, capture_output=True)
 
 
 class SshSite:
@@ -72,7 +83,7 @@ class SshSite:
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
 
     def __enter__(self) -> SshSite:
-        ensure_accounts()
+        self.created_accounts = ensure_accounts()
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
         self.dir.chmod(0o755)
         self.host_key = self.dir / "host_key"
@@ -157,3 +168,4 @@ class SshSite:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
+        remove_accounts(self.created_accounts)
