@@ -14,6 +14,10 @@ INTERFACES_HEADER: Final = "X-Ddump-Interfaces"
 # Names the capture a /capture response streams, for GET /capture/stats?id=NAME.
 CAPTURE_HEADER: Final = "X-Ddump-Capture"
 STATS_PATH: Final = "/stats"  # appended to the capture path
+# Sent by a client that can take a body tcpdump writes itself, ended by the connection closing
+# (it then asks GET /capture/stats how the capture ended); answered by a worker that does so.
+BODY_HEADER: Final = "X-Ddump-Body"
+BODY_DIRECT: Final = "direct"
 # `?batch=1`: tcpdump without --immediate-mode. The kernel hands its packets over a block at a
 # time, when the block is full or after tcpdump's timeout (1 s, fixed in tcpdump): a packet may
 # come this much later than it would otherwise, which the CLI's merge waits for.

@@ -59,6 +59,7 @@ class ScriptedCapture:
         self.running = True
         self.stop_reason: str | None = None
         self.pid = 1
+        self.stdout_fd: int | None = None  # a pipe the worker reads, not the client's socket
         self.returncode: int | None = None
         self.stderr_text = ""
         self.stats = TcpdumpStats()

@@ -7,6 +7,10 @@ quiet stream's packets indefinitely. A live capture needs the opposite, so this 
 the little HTTP/1.1 it needs over a Tornado IOStream: every chunk is handed on as soon as it
 arrives, the next read waits until the consumer is ready (backpressure), and `close()` works at
 any moment, which makes the worker stop its tcpdump.
+
+The request offers to take a body tcpdump writes itself (X-Ddump-Body: direct, see
+ddump/worker/direct.py): the worker then relays nothing, the body ends when the connection
+closes, and the worker is asked how the capture ended (GET /capture/stats).
 """
 
 from __future__ import annotations
@@ -21,14 +25,22 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from http.client import responses
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tornado import httputil, iostream
 from tornado.tcpclient import TCPClient
 
 from ddump import __version__
-from ddump.cli.chunked import ChunkedDecoder, ChunkedError
+from ddump.cli.http_body import READ_SIZE, read_body
+from ddump.cli.http_errors import (
+    Response,
+    closed_reason,
+    connect_error,
+    http_error,
+    ssl_reason,
+)
 from ddump.cli.sources import (
     DataCallback,
     Opened,
@@ -38,7 +50,8 @@ from ddump.cli.sources import (
 )
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import (
-    BATCH_PARAM,
+    BODY_DIRECT,
+    BODY_HEADER,
     CAPTURE_HEADER,
     CLOCK_HEADER,
     INTERFACES_HEADER,
@@ -49,7 +62,6 @@ from ddump.targets import Target
 
 ERROR_BODY_LIMIT = 4096
 ERROR_BODY_WAIT_S = 2.0  # an error page that never ends must not hold the message back
-READ_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
 HEADER_GRACE_S = 10.0
@@ -63,13 +75,7 @@ KEEPALIVE_IDLE_S = 2
 KEEPALIVE_INTERVAL_S = 1
 KEEPALIVE_PROBES = 3
 STALL_TIMEOUT_S = 5
-
-
-@dataclass
-class _Response:
-    code: int = 0
-    reason: str = ""
-    error_body: bytes = b""
+STATS_TIMEOUT_S = 2.0  # for the worker to say how a direct stream ended
 
 
 class CaptureStream:
@@ -106,7 +112,7 @@ class CaptureStream:
         stream = await self._connect(host, parts.port or 0, tls)
         if stream is None:
             return
-        response = _Response()
+        response = Response()
         try:
             sent_ns = time.time_ns()
             await stream.write(self._request(_host_header(parts.netloc)))
@@ -120,7 +126,7 @@ class CaptureStream:
                     f"{STALL_TIMEOUT_S} s (host down, or the network to it cut)",
                     STALL_TIMEOUT_S * 10**9,
                 ) from None
-            raise StreamFailure(_closed_reason(exc, response, tls)) from None
+            raise StreamFailure(closed_reason(exc, response, tls)) from None
         except TimeoutError:
             raise StreamFailure(
                 f"no response within {self.connect_timeout_s + HEADER_GRACE_S:g} s"
@@ -129,7 +135,7 @@ class CaptureStream:
         finally:
             stream.close()
         if response.code not in (0, 200):
-            raise StreamFailure(_http_error(response))
+            raise StreamFailure(http_error(response))
         if self._closing:
             return
 
@@ -165,7 +171,7 @@ class CaptureStream:
         except ssl.SSLCertVerificationError as exc:
             raise StreamFailure(f"TLS certificate not trusted: {exc.verify_message}") from None
         except ssl.SSLError as exc:
-            raise StreamFailure(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+            raise StreamFailure(f"TLS handshake failed: {ssl_reason(exc)}") from None
         except TimeoutError:
             hint = "; with https, is the target plain http?" if tls else ""
             why = "a quick retry" if self.quick_retry else "--connect-timeout"
@@ -173,7 +179,7 @@ class CaptureStream:
                 f"no connection within {self.connect_timeout_s:g} s ({why}{hint})"
             ) from None
         except OSError as exc:
-            raise StreamFailure(_connect_error(exc)) from None
+            raise StreamFailure(connect_error(exc)) from None
         if self._closing:
             stream.close()
             return None
@@ -188,6 +194,7 @@ class CaptureStream:
             f"Host: {host_header}",
             f"User-Agent: ddump/{__version__}",
             f"Accept: {PCAP_CONTENT_TYPE}",
+            f"{BODY_HEADER}: {BODY_DIRECT}",  # tcpdump may write the body itself: see below
             "Connection: close",
         ]
         if self.target.username is not None:
@@ -198,7 +205,7 @@ class CaptureStream:
     async def _read_response(
         self,
         stream: iostream.IOStream,
-        response: _Response,
+        response: Response,
         sent_ns: int,
         on_opened: OpenedCallback,
         on_data: DataCallback,
@@ -221,16 +228,18 @@ class CaptureStream:
         if response.code == 200:
             clock = headers.get(CLOCK_HEADER, "")
             worker_ns = int(clock) if clock.isascii() and clock.isdigit() else None
-            on_opened(
-                Opened(
-                    None if worker_ns is None else worker_ns - received_ns,
-                    worker_ns,
-                    parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
-                    received_ns - sent_ns,
-                    _capture_id(headers.get(CAPTURE_HEADER, "")),
-                )
+            opened = Opened(
+                None if worker_ns is None else worker_ns - received_ns,
+                worker_ns,
+                parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
+                received_ns - sent_ns,
+                _capture_id(headers.get(CAPTURE_HEADER, "")),
             )
-            await _read_body(stream, headers, on_data)
+            if headers.get(BODY_HEADER, "").strip().lower() == BODY_DIRECT:
+                await self._read_direct(stream, headers, opened, on_opened, on_data)
+            else:
+                on_opened(opened)
+                await read_body(stream, headers, on_data)
         else:
 
             def keep(chunk: bytes) -> None:
@@ -241,7 +250,74 @@ class CaptureStream:
             with contextlib.suppress(
                 _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
             ):
-                await asyncio.wait_for(_read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+                await asyncio.wait_for(read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+
+    async def _read_direct(
+        self,
+        stream: iostream.IOStream,
+        headers: httputil.HTTPHeaders,
+        opened: Opened,
+        on_opened: OpenedCallback,
+        on_data: DataCallback,
+    ) -> None:
+        """A body tcpdump writes itself (see ddump/worker/direct.py): the worker sent its head
+        before tcpdump ran, so the capture is open once the pcap header comes, and the body
+        ends when the connection closes, however the capture ended: the worker says how."""
+        if opened.capture_id is None:
+            raise StreamFailure(f"the worker's direct stream has no {CAPTURE_HEADER} header")
+        started = False
+
+        def deliver(data: bytes) -> Awaitable[None] | None:
+            nonlocal started
+            if not started:
+                started = True
+                on_opened(opened)
+            return on_data(data)
+
+        grace = self.connect_timeout_s + HEADER_GRACE_S
+        timed_out = False
+
+        def give_up() -> None:  # the worker gives up on tcpdump sooner: it is stuck itself
+            nonlocal timed_out
+            if not started:
+                timed_out = True
+                stream.close()
+
+        late = asyncio.get_running_loop().call_later(grace, give_up)
+        try:
+            await read_body(stream, headers, deliver, until_close_only=True)
+        except iostream.StreamClosedError:
+            if timed_out:
+                raise StreamFailure(f"the capture did not start within {grace:g} s") from None
+            raise
+        finally:
+            late.cancel()
+        if not self._closing:
+            await self._direct_end(opened.capture_id)
+
+    async def _direct_end(self, capture_id: str) -> None:
+        """Return if the worker says the capture ended cleanly; raise StreamFailure if not."""
+        timeout = max(STATS_TIMEOUT_S, self.connect_timeout_s)
+        try:
+            answer = await fetch_stats(
+                stats_target(self.target, capture_id), self.ssl_context, timeout
+            )
+        except (StreamFailure, TimeoutError) as exc:
+            raise StreamFailure(
+                "connection lost mid-stream (the worker did not say how the capture ended: "
+                f"{exc or 'no answer in time'})"
+            ) from None
+        how, error = answer.get("ended"), str(answer.get("error") or "no message")
+        if how == "clean":
+            return
+        if how == "refused":
+            status = answer.get("status")
+            code = status if isinstance(status, int) and 400 <= status < 600 else 503
+            reason = responses.get(code, "")
+            raise StreamFailure(http_error(Response(code, reason, error.encode())))
+        if how == "failed":
+            raise StreamFailure(f"the capture failed on the worker: {error}")
+        raise StreamFailure("the stream ended while the worker says the capture goes on")
 
 
 def _detect_stalls(sock: socket.socket) -> None:
@@ -299,134 +375,6 @@ class _EnoughOfIt(Exception):
     """The first few KiB of an error page say all we will show."""
 
 
-async def _read_body(
-    stream: iostream.IOStream, headers: httputil.HTTPHeaders, deliver: DataCallback
-) -> None:
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
-        await _read_chunked(stream, deliver)
-    elif "Content-Length" in headers:
-        length = headers["Content-Length"].strip()
-        if not (length.isascii() and length.isdigit()):
-            raise StreamFailure(f"malformed Content-Length: {length[:40]!r}")
-        await _read_length(stream, int(length), deliver)
-    else:
-        await _read_until_close(stream, deliver)
-
-
-async def _pass(result: Awaitable[None] | None) -> None:
-    if result is not None:
-        await result
-
-
-async def _read_chunked(stream: iostream.IOStream, deliver: DataCallback) -> None:
-    decoder = ChunkedDecoder()
-    while not decoder.done:
-        data = await stream.read_bytes(READ_SIZE, partial=True)
-        try:
-            payload = decoder.feed(data)
-        except ChunkedError as exc:
-            if exc.payload:  # the good bytes before the fault still count
-                await _pass(deliver(exc.payload))
-            raise StreamFailure(str(exc)) from None
-        if payload:
-            await _pass(deliver(payload))
-
-
-async def _read_length(stream: iostream.IOStream, size: int, deliver: DataCallback) -> None:
-    while size > 0:
-        chunk = await stream.read_bytes(min(size, READ_SIZE), partial=True)
-        size -= len(chunk)
-        await _pass(deliver(chunk))
-
-
-async def _read_until_close(stream: iostream.IOStream, deliver: DataCallback) -> None:
-    while True:
-        try:
-            chunk = await stream.read_bytes(READ_SIZE, partial=True)
-        except iostream.StreamClosedError:
-            return
-        await _pass(deliver(chunk))
-
-
 def _path_and_query(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def _http_error(response: _Response) -> str:
-    text = response.error_body.decode("utf-8", "replace").strip()
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    html = first.startswith("<")
-    if html:
-        first = _html_title(text) or first
-    status = f"HTTP {response.code} {response.reason}".rstrip()
-    parts = [status]
-    hint = _hint(response.code, text, html)
-    if hint:
-        parts.append(hint)
-    if first:
-        parts.append(first[:300])
-    return ": ".join(parts)
-
-
-def _hint(code: int, text: str, html: bool) -> str:
-    # nginx answers TLS-client problems with a 400 HTML page: say what to fix on our side.
-    if "SSL certificate" in text:
-        return "the proxy wants a client certificate it trusts: give --cert and --key"
-    if "plain HTTP request was sent to HTTPS port" in text:
-        return "the target speaks https: use https://"
-    if code == 400 and f"unknown parameter '{BATCH_PARAM}'" in text:
-        return "this worker is older than batch captures: upgrade it, or leave out --batch"
-    if code == 400:
-        return "the server refused the request" if html else "the worker refused the request"
-    return {
-        401: "authentication failed: check the user and password",
-        403: "forbidden: the proxy refused this client (certificate or address)",
-        404: "not found: is the path right (default /capture)?",
-        502: "the proxy could not reach the worker (is ddump-worker running?)",
-        503: "the worker cannot capture now",
-    }.get(code, "")
-
-
-def _html_title(text: str) -> str:
-    lower = text.lower()
-    start, end = lower.find("<title>"), lower.find("</title>")
-    if start == -1 or end <= start:
-        return ""
-    return text[start + len("<title>") : end].strip()
-
-
-def _connect_error(exc: OSError) -> str:
-    if isinstance(exc, iostream.StreamClosedError) and isinstance(exc.real_error, OSError):
-        exc = exc.real_error
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is ddump-worker running and listening on that port?)"
-    name = type(exc).__name__
-    if name == "gaierror" or "Name or service not known" in str(exc):
-        return f"cannot resolve host name ({exc.strerror or exc})"
-    return f"cannot connect: {exc.strerror or exc}"
-
-
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    reason = exc.reason or str(exc)
-    if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
-        return f"{reason} (does the server require a client certificate? use --cert and --key)"
-    if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
-        return f"{reason} (the server rejected our client certificate)"
-    if "WRONG_VERSION_NUMBER" in reason:
-        return f"{reason} (is the target plain http?)"
-    return reason
-
-
-def _closed_reason(exc: iostream.StreamClosedError, response: _Response, tls: bool) -> str:
-    real = exc.real_error
-    if isinstance(real, ssl.SSLError):
-        return f"TLS failure: {_ssl_reason(real)}"
-    if response.code == 0:
-        hint = (
-            " (TLS: the server may require a client certificate, --cert/--key, or refuse ours)"
-            if tls
-            else ""
-        )
-        return "connection closed before any response" + (f" ({real})" if real else hint)
-    return "connection lost mid-stream" + (f" ({real})" if real else "")

@@ -7,15 +7,14 @@ import logging
 import select
 import time
 from collections.abc import Callable
-from http.client import responses
-from typing import Any
 
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
-import ddump
 from ddump.protocol import (
+    BODY_DIRECT,
+    BODY_HEADER,
     CAPTURE_HEADER,
     CAPTURE_PATH,
     CLOCK_HEADER,
@@ -24,11 +23,13 @@ from ddump.protocol import (
     STATS_PATH,
 )
 from ddump.worker.capture import Capture, CaptureRefused
+from ddump.worker.direct import HangupWatch, end_of, take_socket
 from ddump.worker.filter import FilterError, compose_filter, tcpdump_argv
-from ddump.worker.health import capture_check, capture_started, tcpdump_version
+from ddump.worker.health import capture_started
+from ddump.worker.info import CaptureStatsHandler, HealthHandler, TextErrorsHandler
 from ddump.worker.interfaces import interfaces_header
 from ddump.worker.params import NS_PER_S, CaptureParams, parse_query
-from ddump.worker.registry import ENDED_KEEP, ENDED_KEEP_S
+from ddump.worker.registry import CaptureEnd
 from ddump.worker.state import WorkerState
 from ddump.worker.taps import Tap
 from ddump.worker.tcpdump import error_lines
@@ -53,22 +54,6 @@ def _show_filter(text: str | None) -> str:
     return repr(shown)
 
 
-class TextErrorsHandler(RequestHandler):
-    """Errors as one line of text/plain: what curl and the ddump CLI show to a person."""
-
-    def refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        if retry_after is not None:
-            self.set_header("Retry-After", str(retry_after))
-        self.finish(message.rstrip("\n") + "\n")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(f"{status_code} {responses.get(status_code, 'Error')}\n")
-
-
 class CaptureHandler(TextErrorsHandler):
     """GET /capture: tcpdump's pcap as a chunked response, for as long as the client reads."""
 
@@ -79,11 +64,14 @@ class CaptureHandler(TextErrorsHandler):
 
     def refuse(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         """Answer an error, and log it (rate-limited): a refused capture is never silent."""
+        self._log_refusal(status, message)
+        super().refuse(status, message, retry_after=retry_after)
+
+    def _log_refusal(self, status: int, message: str) -> None:
         self.state.refusals.refused(
             f"capture refused ({status}): client={self.client()} "
             f"filter={_show_filter(self._asked_filter())}: {message.splitlines()[0]}"
         )
-        super().refuse(status, message, retry_after=retry_after)
 
     def _asked_filter(self) -> str | None:
         values = self.request.query_arguments.get("filter")
@@ -133,24 +121,56 @@ class CaptureHandler(TextErrorsHandler):
             )
 
         # A batch capture's stop hands over its kernel's last blocks, and a count ends tcpdump
-        # itself: those are one client's own. Identical live captures share one tcpdump.
+        # itself: those are one client's own. Identical live captures share one tcpdump,
+        # unless tcpdump writes to the client directly.
+        direct = self._wants_direct(params)
         shareable = self.state.share and not params.batch and params.count is None
-        number, capture = captures.open(tuple(argv) if shareable else None, make)
+        number, capture = captures.open(tuple(argv) if shareable and not direct else None, make)
         self.capture = capture
         try:
-            await self._run(number, capture, params)
+            if direct:
+                await self._run_direct(number, capture, params)
+            else:
+                await self._run(number, capture, params)
         finally:
             capture.abort("ended")
             captures.remove(capture)
 
-    async def _run(self, number: int, capture: Tap, params: CaptureParams) -> None:
+    def _wants_direct(self, params: CaptureParams) -> bool:
+        """tcpdump writes the body itself (see direct.py): the client takes it, and the stream
+        needs no cut by the worker (a batch capture's stop)."""
+        asked = self.request.headers.get(BODY_HEADER, "").strip().lower() == BODY_DIRECT
+        return asked and not params.batch and isinstance(self.request.connection, HTTP1Connection)
+
+    async def _run_direct(self, number: int, capture: Tap, params: CaptureParams) -> None:
+        head = {**self._head(capture), BODY_HEADER: BODY_DIRECT, "Connection": "close"}
+        try:
+            sock = await take_socket(self, head)
+        except StreamClosedError:
+            self.client_gone = True  # before tcpdump ran: nothing to stop
+            return
+        capture.capture.stdout_fd = sock.fileno()
+        watch = HangupWatch(sock, self.on_connection_close)
+        try:
+            await self._run(number, capture, params, direct=True)
+        finally:
+            watch.stop()
+            sock.close()  # after the end was recorded: the client asks for it when it sees this
+
+    async def _run(
+        self, number: int, capture: Tap, params: CaptureParams, *, direct: bool = False
+    ) -> None:
         try:
             await capture.start(self.state.start_timeout_ns)
         except CaptureRefused as refused:
             if self.client_gone:  # tcpdump was stopped because nobody waits for it any more
                 log.info("capture %d: client=%s left before it started", number, self.client())
                 return None
-            return self.refuse(refused.status, refused.message)
+            if not direct:
+                return self.refuse(refused.status, refused.message)
+            self._log_refusal(refused.status, refused.message)
+            end = CaptureEnd("refused", refused.message, refused.status)
+            return self.state.captures.remove(capture, end)
         capture_started(self.state)
         if self.client_gone:
             capture.abort("client closed")
@@ -173,23 +193,38 @@ class CaptureHandler(TextErrorsHandler):
                 params.duration_ns / NS_PER_S, capture.stop, "duration reached"
             )
         try:
-            await self._stream(capture)
+            if direct:
+                while capture.running:  # tcpdump writes to the client: only its end to see
+                    await capture.capture.wait(60 * NS_PER_S)
+            else:
+                await self._stream(capture)
         finally:
             if timer is not None:
                 timer.cancel()
             capture.abort("client closed" if self.client_gone else "ended")
             await capture.wait()
-            self._log_end(number, capture, params, time.monotonic_ns() - started_ns)
+            if direct:
+                will_ask = not self.client_gone
+                self.state.captures.remove(capture, end_of(capture), will_ask=will_ask)
+            self._log_end(number, capture, params, time.monotonic_ns() - started_ns, direct)
+
+    def _head(self, capture: Tap) -> dict[str, str]:
+        """The headers of a capture's response (its status is 200)."""
+        head = {
+            "Content-Type": PCAP_CONTENT_TYPE,
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",  # nginx: stream, do not buffer
+            CLOCK_HEADER: str(time.time_ns()),
+            CAPTURE_HEADER: capture.token,
+        }
+        interfaces = interfaces_header()  # as tcpdump starts: the map is as of its start
+        if interfaces:
+            head[INTERFACES_HEADER] = interfaces
+        return head
 
     async def _stream(self, capture: Tap) -> None:
-        self.set_header("Content-Type", PCAP_CONTENT_TYPE)
-        self.set_header("Cache-Control", "no-store")
-        self.set_header("X-Accel-Buffering", "no")  # nginx: stream, do not buffer
-        self.set_header(CLOCK_HEADER, str(time.time_ns()))
-        self.set_header(CAPTURE_HEADER, capture.token)
-        interfaces = interfaces_header()  # now: tcpdump listens, the map is as of its start
-        if interfaces:
-            self.set_header(INTERFACES_HEADER, interfaces)
+        for name, value in self._head(capture).items():
+            self.set_header(name, value)
         watch = asyncio.ensure_future(self._watch_client())
         capture.on_cut_off = self._cut  # it stalled others sharing its tcpdump
         try:
@@ -240,21 +275,22 @@ class CaptureHandler(TextErrorsHandler):
                 connection.close()  # and nothing more is written to a client that left
                 return
 
-    def _log_end(self, number: int, capture: Tap, params: CaptureParams, elapsed_ns: int) -> None:
+    def _log_end(
+        self, number: int, capture: Tap, params: CaptureParams, elapsed_ns: int, direct: bool
+    ) -> None:
         stats = capture.stats
 
         def count(value: int | None) -> str:
             return "?" if value is None else str(value)
 
         log.info(
-            "capture %d end: client=%s filter=%s duration=%s bytes=%d packets=%d "
+            "capture %d end: client=%s filter=%s duration=%s bytes=%s packets=%s "
             "captured=%s received=%s dropped=%s reason=%s exit=%s",
             number,
             self.client(),
             _show_filter(params.filter),
             seconds_text(elapsed_ns),
-            capture.relayed,
-            capture.counter.records,
+            *(("-",) * 2 if direct else (capture.relayed, capture.counter.records)),
             count(stats.captured),
             count(stats.received),
             count(stats.dropped_by_kernel),
@@ -277,78 +313,6 @@ def _exit_reason(capture: Tap, params: CaptureParams) -> str:
         return "count reached" if params.count else "tcpdump exited"
     detail = error_lines(capture.stderr_text).replace("\n", "; ")
     return f"tcpdump failed: {detail or 'no message'}"
-
-
-class HealthHandler(TextErrorsHandler):
-    """GET /health: 200 with tcpdump's version when a capture can start, else 503 and why;
-    whether the worker is exposed beyond loopback either way (for load balancers and checks)."""
-
-    def initialize(self, state: WorkerState) -> None:
-        self.state = state
-
-    async def get(self) -> None:
-        state = self.state
-        exposure: dict[str, Any] = {
-            "exposed": bool(state.exposed),  # listening beyond loopback: see the start-up log
-            "exposed_on": list(state.exposed),
-            "allow": list(state.allow),  # empty: anyone who reaches it
-        }
-        try:
-            version = await tcpdump_version(state)
-            problem = await capture_check(state)
-        except CaptureRefused as error:
-            version, problem = {}, error.message
-        if problem is not None:
-            self.set_status(503)
-            self.finish({"status": "error", "error": problem, **version, **exposure})
-            return
-        self.finish(
-            {
-                "status": "ok",
-                "ddump": ddump.__version__,
-                **version,
-                "captures": len(state.captures),
-                "max_captures": state.captures.limit,
-                **exposure,
-            }
-        )
-
-
-class CaptureStatsHandler(TextErrorsHandler):
-    """GET /capture/stats?id=NAME: tcpdump's counts for one capture, running or recently ended.
-
-    NAME is the X-Ddump-Capture header of the capture's response. The drop counts are what a
-    user needs to trust a capture: the CLI asks for them when it ends.
-    """
-
-    def initialize(self, state: WorkerState) -> None:
-        self.state = state
-
-    async def get(self) -> None:
-        unknown = set(self.request.query_arguments) - {"id"}
-        if unknown:
-            return self.refuse(400, f"unknown parameter {sorted(unknown)[0]!r}: only id=NAME")
-        token = self.get_query_argument("id", "")
-        found = self.state.captures.find(token) if token else None
-        if found is None:
-            return self.refuse(
-                404,
-                f"no such capture: the id is a capture's {CAPTURE_HEADER} header, known while "
-                f"it runs and for {ENDED_KEEP_S // 60} minutes after it ends (the last "
-                f"{ENDED_KEEP} ended captures)",
-            )
-        stats = await found.current_stats(STATS_TIMEOUT_NS) if isinstance(found, Tap) else found
-        running = isinstance(found, Tap) and found.running
-        self.set_header("Cache-Control", "no-store")
-        self.finish(
-            {
-                "running": running,
-                "captured": stats.captured,
-                "received": stats.received,
-                "dropped_by_kernel": stats.dropped_by_kernel,
-                "dropped_by_interface": stats.dropped_by_interface,
-            }
-        )
 
 
 def _request_logger(state: WorkerState) -> Callable[[RequestHandler], None]:

@@ -101,8 +101,12 @@ class Capture:
         abort_grace_ns: int = NS_PER_S // 2,
         batch: bool = False,
         pipe_size: int = PIPE_SIZE,
+        stdout_fd: int | None = None,
     ) -> None:
         self.argv = list(argv)
+        # tcpdump's stdout: a pipe the worker reads, or (given) the client's socket itself,
+        # which tcpdump then writes to directly (see direct.py).
+        self.stdout_fd = stdout_fd
         self.batch = batch  # tcpdump without --immediate-mode: see stop()
         self.pipe_size = pipe_size
         self.drop_to = drop_to
@@ -169,21 +173,23 @@ class Capture:
         """Run tcpdump and return once it listens; raise CaptureRefused if it cannot."""
         # Our own pipes, not Subprocess.STREAM: when Popen fails, Tornado 6.2's Subprocess
         # closes fds its PipeIOStreams still own, which later close someone else's socket.
-        out_read, out_write = os.pipe()
+        out_read, out_write = os.pipe() if self.stdout_fd is None else (-1, -1)
         err_read, err_write = os.pipe()
-        _grow_pipe(out_write, self.pipe_size)
+        if out_write != -1:
+            _grow_pipe(out_write, self.pipe_size)
         try:
             self._process = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
-                stdout=out_write,
+                stdout=out_write if self.stdout_fd is None else self.stdout_fd,
                 stderr=err_write,
                 start_new_session=True,
                 preexec_fn=child_setup(self.drop_to),
             )
         except (OSError, subprocess.SubprocessError) as error:
             for fd in (out_read, out_write, err_read, err_write):
-                os.close(fd)
+                if fd != -1:
+                    os.close(fd)
             if isinstance(error, FileNotFoundError):
                 raise CaptureRefused(503, missing_tcpdump_message(self.argv[0])) from None
             hint = ""
@@ -191,9 +197,10 @@ class Capture:
                 user = self.drop_to.pw_name
                 hint = f" (as root, tcpdump is started as {user!r} with CAP_NET_RAW)"
             raise CaptureRefused(503, f"cannot run {self.argv[0]!r}: {error}{hint}") from None
-        os.close(out_write)
         os.close(err_write)
-        self._stdout = PipeReader(out_read)
+        if self.stdout_fd is None:
+            os.close(out_write)
+            self._stdout = PipeReader(out_read)
         self._stderr_stream = PipeIOStream(err_read)
         self._watch_exit()
         background(self._read_stderr(), f"tcpdump-stderr-{self.pid}")

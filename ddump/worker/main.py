@@ -53,6 +53,7 @@ DEFAULT_SOCKET_MODE = 0o660
 # After SIGTERM: time for captures to end their responses, then for connections to close.
 DRAIN_NS = 5 * NS_PER_S
 CLOSE_NS = 2 * NS_PER_S
+TELL_NS = 2 * NS_PER_S  # for clients of direct captures to ask how theirs ended
 MAX_BODY = 4096  # bytes of request body accepted (none is used)
 BODY_TIMEOUT_S = 10.0
 
@@ -287,7 +288,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         received = await signals.get()
         log.info("%s: stopping %d capture(s)", signal.Signals(received).name, len(state.captures))
-        server.stop()
+        # Still listening, to refuse new captures and answer how the stopped ones ended.
         state.captures.stop_all("worker stopping")
         drained = asyncio.ensure_future(state.captures.wait_idle(DRAIN_NS))
         again = asyncio.ensure_future(signals.get())
@@ -297,6 +298,8 @@ async def serve(args: argparse.Namespace) -> int:
             # A client that does not read keeps its response from ending: cut it.
             drained.cancel()
             state.captures.abort_all("worker stopping now")
+        await state.captures.wait_told(TELL_NS)
+        server.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), CLOSE_NS / NS_PER_S)
         await state.captures.wait_idle(CLOSE_NS)

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from ddump.worker.capture import Capture
 from ddump.worker.params import NS_PER_S
@@ -15,6 +16,25 @@ from ddump.worker.tcpdump import TcpdumpStats
 
 ENDED_KEEP = 256  # ended captures whose statistics a client can still ask for...
 ENDED_KEEP_S = 600  # ...for this long
+
+
+@dataclass(frozen=True)
+class CaptureEnd:
+    """How a capture's stream ended, for a client that cannot tell from the stream itself: one
+    whose body tcpdump wrote directly (see direct.py) ends by the connection closing, whether
+    tcpdump finished or failed, and learned of a refused start only after its 200 head."""
+
+    how: str  # "clean", "failed" (tcpdump died or was killed) or "refused" (it never started)
+    error: str = ""  # what went wrong, for the user
+    status: int = 200  # a refusal's HTTP status, as a relayed capture would have answered
+
+
+@dataclass(frozen=True)
+class EndedCapture:
+    """What is kept of a capture once its response ended."""
+
+    stats: TcpdumpStats
+    end: CaptureEnd | None  # None: the client could tell from its chunked stream
 
 
 class CaptureRegistry:
@@ -26,8 +46,9 @@ class CaptureRegistry:
         self._active: dict[str, Tap] = {}  # by token
         self._running: set[SharedCapture] = set()
         self._joinable: dict[Hashable, SharedCapture] = {}
-        # token -> (statistics, monotonic time it ended), oldest first
-        self._ended: OrderedDict[str, tuple[TcpdumpStats, float]] = OrderedDict()
+        # token -> (what is kept of it, monotonic time it ended), oldest first
+        self._ended: OrderedDict[str, tuple[EndedCapture, float]] = OrderedDict()
+        self._untold: set[str] = set()  # ended captures whose client will ask how (direct.py)
         self._idle = asyncio.Event()
         self._idle.set()
         self.started = 0
@@ -59,21 +80,25 @@ class CaptureRegistry:
             if value is shared:
                 del self._joinable[key]
 
-    def remove(self, tap: Tap) -> None:
-        """The client's response ended."""
-        if self._active.pop(tap.token, None) is not None and tap.listening:
-            self._ended[tap.token] = (tap.stats, time.monotonic())
+    def remove(self, tap: Tap, end: CaptureEnd | None = None, *, will_ask: bool = False) -> None:
+        """The client's response ended (`end`: how, if its stream cannot tell; `will_ask`: its
+        client is still there to ask for it). Once only."""
+        if self._active.pop(tap.token, None) is not None and (tap.listening or end is not None):
+            self._ended[tap.token] = (EndedCapture(tap.stats, end), time.monotonic())
+            if will_ask:
+                self._untold.add(tap.token)
             while len(self._ended) > ENDED_KEEP:
                 self._ended.popitem(last=False)
         if not self._active:
             self._idle.set()
 
-    def find(self, token: str) -> Tap | TcpdumpStats | None:
-        """The running capture named `token`, or the statistics of a recently ended one."""
+    def find(self, token: str) -> Tap | EndedCapture | None:
+        """The running capture named `token`, or what is kept of a recently ended one."""
         tap = self._active.get(token)
         if tap is not None:
             return tap
         ended = self._ended.get(token)
+        self._untold.discard(token)
         if ended is None or time.monotonic() - ended[1] > ENDED_KEEP_S:
             return None
         return ended[0]
@@ -87,6 +112,13 @@ class CaptureRegistry:
         self.closing = True
         for shared in list(self._running):
             shared.abort(reason)
+
+    async def wait_told(self, timeout_ns: int) -> None:
+        """Until every client whose stream ended by a close asked how it ended, or time runs
+        out (a stopping worker answers them before it stops listening)."""
+        deadline = time.monotonic() + timeout_ns / NS_PER_S
+        while self._untold and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def wait_idle(self, timeout_ns: int) -> bool:
         """True once every capture's response has ended; False if time ran out first."""

@@ -99,7 +99,8 @@ class SharedCapture:
 
     async def _start(self, timeout_ns: int) -> None:
         await self.capture.start(timeout_ns)
-        self._pump = background(self._read_pipe(), f"tcpdump-pipe-{self.capture.pid}")
+        if self.capture.stdout_fd is None:  # else tcpdump writes to the client itself
+            self._pump = background(self._read_pipe(), f"tcpdump-pipe-{self.capture.pid}")
 
     async def _read_pipe(self) -> None:
         capture = self.capture

@@ -1,0 +1,260 @@
+"""Captures whose body tcpdump writes itself (X-Ddump-Body: direct), worker and CLI sides.
+
+The worker relays nothing: its head goes out at once, tcpdump's stdout is the client's socket,
+the body ends when the connection closes, and GET /capture/stats tells a clean end from a
+failed or refused one. A close alone must never pass for a clean end.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from tests.fake_worker import pcap_stream, sll2_packet
+from tests.test_worker_app import (
+    PCAP_HEADER_LEN,
+    RECORD_LEN,
+    Fake,
+    ThreadWorker,
+    fake_tcpdump,
+    stats_of,
+    wait_for,
+    wait_gone,
+)
+
+DIRECT = {"X-Ddump-Body": "direct"}
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
+    yield from fake_tcpdump(monkeypatch)
+
+
+def direct_get(worker: ThreadWorker, query: str) -> http.client.HTTPResponse:
+    return worker.get(f"/capture?{query}", DIRECT)
+
+
+def ended(worker: ThreadWorker, response: http.client.HTTPResponse) -> dict[str, Any]:
+    """The worker's word on how the capture of `response` ended."""
+    token = response.getheader("X-Ddump-Capture")
+    assert token
+    wait_for(lambda: len(worker.state.captures) == 0)
+    status, stats = stats_of(worker, token)
+    assert status == 200
+    return stats
+
+
+# ---- the worker ----
+
+
+def test_tcpdump_writes_the_body_itself_and_the_worker_says_it_ended_cleanly(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = direct_get(worker, "count=3")
+        assert response.status == 200
+        assert response.getheader("X-Ddump-Body") == "direct"
+        assert response.getheader("Transfer-Encoding") is None  # ended by the close
+        body = response.read()
+        assert len(body) == PCAP_HEADER_LEN + 3 * RECORD_LEN
+        stats = ended(worker, response)
+    assert stats["ended"] == "clean" and stats["captured"] == 3
+
+
+def test_the_head_goes_out_before_tcpdump_listens(fake: Fake) -> None:
+    # The fake never says it listens: a relayed capture would answer nothing until the start
+    # timeout; a direct one has its head at once and the refusal in the end it records.
+    with ThreadWorker(fake.path, start_timeout_ns=10**9) as worker:
+        response = direct_get(worker, "filter=fake-silent")
+        assert response.status == 200 and response.getheader("X-Ddump-Capture")
+        assert response.read() == b""
+        stats = ended(worker, response)
+    assert stats["ended"] == "refused" and stats["status"] == 503
+    assert "did not start listening" in stats["error"]
+
+
+def test_a_bad_filter_ends_an_empty_body_and_the_end_names_tcpdumps_message(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = direct_get(worker, "filter=fake-syntax-error")
+        assert response.status == 200 and response.read() == b""
+        stats = ended(worker, response)
+    assert stats["ended"] == "refused" and stats["status"] == 400
+    assert "syntax error" in stats["error"]
+
+
+def test_tcpdump_dying_mid_stream_is_a_failed_end_not_a_clean_one(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        response = direct_get(worker, "filter=fake-crash")
+        assert len(response.read()) == PCAP_HEADER_LEN  # the fake dies after the header
+        stats = ended(worker, response)
+    assert stats["ended"] == "failed" and "tcpdump ended with exit status" in stats["error"]
+
+
+def test_a_direct_client_leaving_stops_tcpdump_within_a_second(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        client = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
+        client.sendall(
+            b"GET /capture?filter=fake-idle HTTP/1.1\r\nHost: x\r\nX-Ddump-Body: direct\r\n\r\n"
+        )
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: len(fake.pids()) == 1)
+        [pid] = fake.pids()
+        client.close()
+        assert wait_gone(pid, 3) < 1.0
+        wait_for(lambda: len(worker.state.captures) == 0)
+
+
+def test_a_batch_capture_is_still_relayed_in_chunks(fake: Fake) -> None:
+    # A batch capture's stop is cut by the worker, record by record: it must read them.
+    with ThreadWorker(fake.path) as worker:
+        response = direct_get(worker, "batch=1&count=2")
+        assert response.getheader("X-Ddump-Body") is None
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert len(response.read()) == PCAP_HEADER_LEN + 2 * RECORD_LEN
+
+
+def test_identical_direct_captures_each_run_their_own_tcpdump(fake: Fake) -> None:
+    with ThreadWorker(fake.path) as worker:
+        first = direct_get(worker, "filter=fake-idle")
+        second = direct_get(worker, "filter=fake-idle")
+        wait_for(lambda: len(fake.pids()) == 2)
+        first.close()
+        second.close()
+
+
+# ---- the CLI ----
+
+
+class DirectServer:
+    """A stand-in worker: a direct head, a pcap with one record, then the connection closes;
+    GET /capture/stats answers `stats` (a JSON body) or, if None, a 404."""
+
+    def __init__(self, stats: bytes | None) -> None:
+        self.stats = stats
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stats_asked = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    data = client.recv(4096)
+                    if not data:
+                        break
+                    request += data
+                if request.startswith(b"GET /capture/stats"):
+                    self.stats_asked += 1
+                    client.sendall(self._stats_answer())
+                    continue
+                head = (
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\n"
+                    "X-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\nConnection: close\r\n\r\n"
+                )
+                packet = sll2_packet(b"\x45" + b"\x00" * 19)
+                client.sendall(head.encode() + pcap_stream([(10**18, packet)]))
+                threading.Event().wait(0.4)  # past the --duration the CLI asked for
+
+    def _stats_answer(self) -> bytes:
+        if self.stats is None:
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 8\r\n\r\nno such\n"
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(self.stats)}\r\n\r\n".encode()
+            + self.stats
+        )
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@contextmanager
+def direct_server(stats: bytes | None) -> Iterator[DirectServer]:
+    server = DirectServer(stats)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def run_cli(port: int) -> subprocess.CompletedProcess[str]:
+    # The duration is the worker's to keep (in the URL): the end it makes is one asked for.
+    url = f"http://127.0.0.1:{port}/capture?duration=0.2"
+    return subprocess.run(
+        [sys.executable, "-m", "ddump.cli.main", "-w", "/dev/null", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_the_cli_takes_a_direct_stream_that_the_worker_says_ended_cleanly() -> None:
+    with direct_server(b'{"running": false, "ended": "clean", "error": "", "status": 200}') as s:
+        out = run_cli(s.port)
+    assert out.returncode == 0, out.stderr
+    assert s.stats_asked >= 1
+    assert "1 packets written" in out.stderr or "1 packet written" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("stats", "said"),
+    [
+        (None, "connection lost mid-stream (the worker did not say how the capture ended"),
+        (
+            b'{"running": false, "ended": "failed", "error": "tcpdump ended with signal 9"}',
+            "the capture failed on the worker: tcpdump ended with signal 9",
+        ),
+        (b'{"running": true}', "the stream ended while the worker says the capture goes on"),
+    ],
+)
+def test_a_direct_stream_that_closed_is_a_failure_unless_the_worker_says_clean(
+    stats: bytes | None, said: str
+) -> None:
+    with direct_server(stats) as server:
+        out = run_cli(server.port)
+    assert out.returncode == 1
+    assert said in out.stderr
+
+
+def test_a_refused_direct_capture_reads_as_the_http_error_it_would_have_been() -> None:
+    stats = b'{"ended": "refused", "status": 400, "error": "tcpdump rejected the filter: x"}'
+
+    class Refusing(DirectServer):
+        def _serve(self) -> None:  # the head, then the close: tcpdump never wrote a byte
+            while True:
+                try:
+                    client, _ = self.listener.accept()
+                except OSError:
+                    return
+                with client:
+                    request = client.recv(65536)
+                    if request.startswith(b"GET /capture/stats"):
+                        client.sendall(self._stats_answer())
+                        continue
+                    client.sendall(
+                        b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
+                    )
+
+    server = Refusing(stats)
+    try:
+        out = run_cli(server.port)
+    finally:
+        server.close()
+    assert out.returncode == 1
+    assert (
+        "HTTP 400 Bad Request: the worker refused the request: tcpdump rejected the filter: x"
+        in out.stderr
+    )
