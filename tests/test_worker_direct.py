@@ -31,6 +31,7 @@ from tests.test_worker_app import (
 )
 
 DIRECT = {"X-Ddump-Body": "direct"}
+CLI = [sys.executable, "-m", "ddump.cli.main", "-w", "/dev/null"]
 
 
 @pytest.fixture
@@ -194,7 +195,7 @@ def run_cli(port: int) -> subprocess.CompletedProcess[str]:
     # The duration is the worker's to keep (in the URL): the end it makes is one asked for.
     url = f"http://127.0.0.1:{port}/capture?duration=0.2"
     return subprocess.run(
-        [sys.executable, "-m", "ddump.cli.main", "-w", "/dev/null", url],
+        [*CLI, url],
         capture_output=True,
         text=True,
         timeout=30,
@@ -257,4 +258,34 @@ def test_a_refused_direct_capture_reads_as_the_http_error_it_would_have_been() -
     assert (
         "HTTP 400 Bad Request: the worker refused the request: tcpdump rejected the filter: x"
         in out.stderr
+    )
+
+
+def test_a_direct_capture_stopped_before_tcpdump_started_says_so() -> None:
+    class Starting(DirectServer):
+        def _serve(self) -> None:  # the head, then nothing: tcpdump is still starting
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                client.sendall(
+                    b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
+                )
+                client.recv(1)  # until the CLI leaves
+
+    server = Starting(None)
+    try:
+        out = subprocess.run(
+            [*CLI, "--duration", "0.3", f"http://127.0.0.1:{server.port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        server.close()
+    assert out.returncode == 1
+    assert "[failed: never started: the worker answered, but its tcpdump had not started" in (
+        out.stderr
     )

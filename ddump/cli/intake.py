@@ -3,6 +3,7 @@ released in order up to the watermark."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 
@@ -32,6 +33,7 @@ class Intake(SessionParts):
 
     def _on_data(self, run: Run, chunk: bytes) -> Awaitable[None] | None:
         run.counts.bytes += len(chunk)
+        packets = run.counts.packets
         decoder = run.decoder
         truncated = decoder.truncated
         try:
@@ -54,7 +56,16 @@ class Intake(SessionParts):
             self._accept(run, None)  # a header alone starts the stream
         if run.refused:
             raise StreamFailure(run.refused)
-        return None if self.stopping else self.output.drained()
+        if self.stopping:
+            return None
+        drained = self.output.drained()
+        if drained is not None or is_pulled(run.target):
+            return drained
+        now = time.monotonic()
+        since, run.last_read = now - run.last_read, now
+        if self.pacer.busy(run.counts.packets - packets, since):
+            return self.pacer.next_turn()
+        return None
 
     def _accept(self, run: Run, segment: Segment | None) -> None:
         if run.linktype is None and run.decoder.linktype is not None:
@@ -98,7 +109,7 @@ class Intake(SessionParts):
         else:
             self._push(run, records, segment.linktype)
         if not is_pulled(run.target):  # the files' reader releases after a round of reads
-            self._release()
+            self._release_soon()
 
     def _push(self, run: Run, records: Records, linktype: int) -> None:
         assert self.output.linktype is not None
@@ -189,6 +200,16 @@ class Intake(SessionParts):
         if not run.decoder.started:
             what = "file" if isinstance(run.target, FileSource) else "response"
             raise StreamFailure(f"the {what} ended before a capture header")
+
+    def _release_soon(self) -> None:
+        """Release once every stream that read in this pass of the event loop has pushed."""
+        if not self._release_due:
+            self._release_due = True
+            asyncio.get_running_loop().call_soon(self._release_now)
+
+    def _release_now(self) -> None:
+        self._release_due = False
+        self._release()
 
     def _release(self) -> None:
         if self.output.closed:

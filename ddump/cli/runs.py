@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.output import Output
+from ddump.cli.pacer import Pacer
 from ddump.cli.report import Reporter, TargetCounts
 from ddump.cli.sources import Opened
 from ddump.decode import CaptureDecoder, PcapDecoder
@@ -73,6 +74,7 @@ class Run:
     answered: bool = False  # some capture of it ran (a 200 came)
     capturing_since: float = 0.0  # loop time of the current capture's 200
     stalled_captures: set[str] = field(default_factory=set)  # capture ids whose connection stalled
+    last_read: float = 0.0  # monotonic time its last chunk came (see pacer.py)
 
 
 class SessionParts:
@@ -90,6 +92,8 @@ class SessionParts:
     fatal: DdumpError | None
     _cutoff_ns: int | None  # the time of a stop that waits for batch targets
     _warned_full: bool
+    pacer: Pacer  # busy live streams read in common turns
+    _release_due: bool  # a release is scheduled for this pass of the event loop
 
     def stop(self, reason: str) -> None:
         raise NotImplementedError

@@ -22,6 +22,7 @@ from ddump.cli.ends import (
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.intake import Intake
 from ddump.cli.output import Output, OutputClosed
+from ddump.cli.pacer import Pacer
 from ddump.cli.pulled import FilePuller
 from ddump.cli.report import Gap, Reporter, TargetCounts
 from ddump.cli.runs import (
@@ -87,6 +88,8 @@ class Session(Intake, FilePuller, DropCounts):
         self.hold_cap = max(MAX_BUFFERED, HOLD_PER_TARGET * len(self.runs))
         self._awaiting_header: set[int] = set()
         self._warned_full = False
+        self.pacer = Pacer()
+        self._release_due = False
         self._stop_timer: asyncio.TimerHandle | None = None
         self._cutoff_ns: int | None = None  # the time of a stop that waits for batch targets
         self._stop_event = asyncio.Event()
@@ -287,6 +290,8 @@ class Session(Intake, FilePuller, DropCounts):
     def _never_answered(self, run: Run) -> str:
         from ddump.cli.stream import CaptureStream
 
+        if isinstance(run.stream, CaptureStream) and run.stream.answered:
+            return "never started: the worker answered, but its tcpdump had not started yet"
         if isinstance(run.stream, CaptureStream) and run.stream.connected:
             return "never answered: it took the connection, but no HTTP response came"
         if isinstance(run.target, SshTarget):

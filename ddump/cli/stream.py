@@ -93,6 +93,7 @@ class CaptureStream:
         self._stream: iostream.IOStream | None = None
         self._connecting: asyncio.Future[iostream.IOStream] | None = None
         self._closing = False
+        self.answered = False  # a 200 head came (before tcpdump started, if direct)
         self.quick_retry = False  # connect_timeout_s was shortened: see retry_quickly()
 
     def retry_quickly(self, timeout_s: float) -> None:
@@ -226,6 +227,7 @@ class CaptureStream:
             raise StreamFailure(f"malformed response header: {exc}") from None
         response.code, response.reason = start.code, start.reason
         if response.code == 200:
+            self.answered = True
             clock = headers.get(CLOCK_HEADER, "")
             worker_ns = int(clock) if clock.isascii() and clock.isdigit() else None
             opened = Opened(
