@@ -120,13 +120,24 @@ def test_a_batch_capture_is_still_relayed_in_chunks(fake: Fake) -> None:
         assert len(response.read()) == PCAP_HEADER_LEN + 2 * RECORD_LEN
 
 
-def test_identical_direct_captures_each_run_their_own_tcpdump(fake: Fake) -> None:
+def test_identical_captures_after_a_direct_one_share_a_relayed_tcpdump(fake: Fake) -> None:
+    # No one can join a tcpdump that writes to its client's socket: the next identical
+    # captures share one relayed tcpdump, so three clients cost two tcpdumps, not three.
     with ThreadWorker(fake.path) as worker:
         first = direct_get(worker, "filter=fake-idle")
         second = direct_get(worker, "filter=fake-idle")
-        wait_for(lambda: len(fake.pids()) == 2)
-        first.close()
-        second.close()
+        third = direct_get(worker, "filter=fake-idle")
+        assert first.getheader("X-Ddump-Body") == "direct"
+        for relayed in (second, third):
+            assert relayed.getheader("X-Ddump-Body") is None
+            assert relayed.getheader("Transfer-Encoding") == "chunked"
+        assert len(fake.pids()) == 2
+        for response in (first, second, third):
+            response.close()
+        wait_for(lambda: len(worker.state.captures) == 0)
+        again = direct_get(worker, "filter=fake-idle")  # alone again: direct again
+        assert again.getheader("X-Ddump-Body") == "direct"
+        again.close()
 
 
 # ---- the CLI ----

@@ -247,6 +247,8 @@ class Intake(SessionParts):
             self._write(self.merger.release(mark))
         except DdumpError as exc:
             self._output_failed(exc)
+        if self.merger.buffered or self.staged:  # to be released as time goes on
+            self._hurry_ticker()
 
     def _write(self, records: Records) -> None:
         if not records:

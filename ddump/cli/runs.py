@@ -116,6 +116,9 @@ class SessionParts:
     def _release(self) -> None:
         raise NotImplementedError
 
+    def _hurry_ticker(self) -> None:
+        raise NotImplementedError
+
     def _end_of_body(self, run: Run) -> None:
         raise NotImplementedError
 

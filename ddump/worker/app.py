@@ -123,9 +123,12 @@ class CaptureHandler(TextErrorsHandler):
         # A batch capture's stop hands over its kernel's last blocks, and a count ends tcpdump
         # itself: those are one client's own. Identical live captures share one tcpdump,
         # unless tcpdump writes to the client directly.
-        direct = self._wants_direct(params)
         shareable = self.state.share and not params.batch and params.count is None
-        number, capture = captures.open(tuple(argv) if shareable and not direct else None, make)
+        key = tuple(argv)
+        direct = self._wants_direct(params) and (not shareable or captures.alone(key))
+        number, capture = captures.open(
+            key if shareable and not direct else None, make, direct_key=key if direct else None
+        )
         self.capture = capture
         try:
             if direct:

@@ -46,6 +46,7 @@ class CaptureRegistry:
         self._active: dict[str, Tap] = {}  # by token
         self._running: set[SharedCapture] = set()
         self._joinable: dict[Hashable, SharedCapture] = {}
+        self._direct: dict[str, Hashable] = {}  # token -> key of captures tcpdump writes itself
         # token -> (what is kept of it, monotonic time it ended), oldest first
         self._ended: OrderedDict[str, tuple[EndedCapture, float]] = OrderedDict()
         self._untold: set[str] = set()  # ended captures whose client will ask how (direct.py)
@@ -59,9 +60,18 @@ class CaptureRegistry:
     def full(self) -> bool:
         return len(self._active) >= self.limit
 
-    def open(self, key: Hashable | None, make: Callable[[], Capture]) -> tuple[int, Tap]:
+    def alone(self, key: Hashable) -> bool:
+        """No capture with this `key` runs: a new one may be direct (see direct.py). One that
+        does is shared instead, so that N identical captures cost two tcpdumps, not N."""
+        shared = self._joinable.get(key)
+        return (shared is None or not shared.joinable) and key not in self._direct.values()
+
+    def open(
+        self, key: Hashable | None, make: Callable[[], Capture], *, direct_key: Hashable = None
+    ) -> tuple[int, Tap]:
         """A capture for one client: joins the running one with the same `key` (None: never
-        shared), else runs `make()`'s. Returns its number for the log, and the client's Tap."""
+        shared), else runs `make()`'s. Returns its number for the log, and the client's Tap.
+        `direct_key`: the key of a capture tcpdump writes itself, which no one can join."""
         shared = self._joinable.get(key) if key is not None else None
         if shared is None or not shared.joinable:
             shared = SharedCapture(make(), self._forget)
@@ -69,6 +79,8 @@ class CaptureRegistry:
             if key is not None:
                 self._joinable[key] = shared
         tap = shared.join()
+        if direct_key is not None:
+            self._direct[tap.token] = direct_key
         self._active[tap.token] = tap
         self._idle.clear()
         self.started += 1
@@ -83,6 +95,7 @@ class CaptureRegistry:
     def remove(self, tap: Tap, end: CaptureEnd | None = None, *, will_ask: bool = False) -> None:
         """The client's response ended (`end`: how, if its stream cannot tell; `will_ask`: its
         client is still there to ask for it). Once only."""
+        self._direct.pop(tap.token, None)
         if self._active.pop(tap.token, None) is not None and (tap.listening or end is not None):
             self._ended[tap.token] = (EndedCapture(tap.stats, end), time.monotonic())
             if will_ask:
