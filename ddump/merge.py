@@ -269,6 +269,22 @@ class Merger:
         # Each live timed stream: max(newest_ns - 1, now - max delay - delay + clock offset).
         return min(mark, self._marks.least(now_ns - max_delay_ns))
 
+    def wait_ns(self, now_ns: int, max_delay_ns: int) -> int | None:
+        """How long until the oldest buffered record may be released, if the passing of time
+        alone can bring that: at least this long (0: now); None if nothing is buffered or a
+        stream must send more first (an untimed one, or one not started)."""
+        heads, head = self._heads, self._head
+        while heads and head[heads[0][1]] != heads[0][0]:
+            heapq.heappop(heads)  # stale
+        if not self.buffered or not heads or self._unstarted:
+            return None
+        oldest = heads[0][0]
+        least = self._untimed.least()
+        if least is not None and least - 1 < oldest:
+            return None
+        # Every timed stream's mark grows at most as fast as the clock.
+        return max(0, oldest - self.watermark(now_ns, max_delay_ns))
+
     def pulled_mark(self) -> int:
         """What a release may reach without making a pulled stream's next record late.
 

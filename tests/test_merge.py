@@ -264,3 +264,33 @@ def test_watermark_bookkeeping_stays_bounded_by_the_streams_however_long_it_runs
         )
     marks = merger._marks
     assert len(marks._by_newest) + len(marks._by_crossing) + len(marks._by_offset) <= 6 * 64 + 64
+
+
+def test_wait_ns_is_when_the_clock_alone_lets_the_oldest_held_record_out() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b, clock_offset_ns=-5 * MS)  # b's clock runs 5 ms behind ours
+    now, delay = 1_000 * MS, 250 * MS
+    merger.push(a, [rec(now - 100 * MS)])
+    # b is idle: its mark is now - delay + offset, so the record waits 155 ms more.
+    wait = merger.wait_ns(now, delay)
+
+    assert wait == 155 * MS
+    assert merger.release(merger.watermark(now + wait - 1, delay)) == []
+    assert [ts for ts, _ in merger.release(merger.watermark(now + wait, delay))] == [now - 100 * MS]
+    assert merger.wait_ns(now + wait, delay) is None  # nothing held back
+
+
+def test_wait_ns_is_none_while_the_clock_alone_cannot_release() -> None:
+    merger = Merger()
+    a, b = merger.add_stream("a"), merger.add_stream("f", timed=False)  # f: a file or a pipe
+    merger.start_stream(a)
+    merger.push(a, [rec(10 * MS)])
+    merger.push(b, [rec(5 * MS)])
+
+    assert merger.wait_ns(10**18, 0) is None  # f must send a later record first
+    c = merger.add_stream("c")  # not started: nothing goes out meanwhile
+    assert merger.wait_ns(10**18, 0) is None
+    merger.start_stream(c)
+    assert merger.wait_ns(10**18, 0) is None  # still f's to settle

@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from ddump import records as batches
 from ddump.cli.files import FileSource
 from ddump.cli.output import OutputClosed
-from ddump.cli.runs import LIVE, Run, SessionParts, is_pulled
+from ddump.cli.runs import LIVE, TICK_S, Run, SessionParts, is_pulled
 from ddump.cli.sources import StreamFailure
 from ddump.decode import DecodeError, Segment
 from ddump.errors import DdumpError, PcapFormatError
@@ -248,7 +248,14 @@ class Intake(SessionParts):
         except DdumpError as exc:
             self._output_failed(exc)
         if self.merger.buffered or self.staged:  # to be released as time goes on
-            self._hurry_ticker()
+            wait_s = self._release_wait_s()
+            self._tick_by(TICK_S if wait_s is None else wait_s)
+
+    def _release_wait_s(self) -> float | None:
+        """Seconds until the clock alone lets the oldest held record out (None: not the clock's
+        to settle: a stream must send more)."""
+        wait_ns = self.merger.wait_ns(time.time_ns(), self.settings.max_delay_ns)
+        return None if wait_ns is None else wait_ns / 1e9
 
     def _write(self, records: Records) -> None:
         if not records:

@@ -116,7 +116,16 @@ class SessionParts:
     def _release(self) -> None:
         raise NotImplementedError
 
-    def _hurry_ticker(self) -> None:
+    def _tick_by(self, wait_s: float) -> None:
+        raise NotImplementedError
+
+    def _take_output_error(self) -> None:
+        raise NotImplementedError
+
+    def _stop_waiting_for_silent_streams(self) -> None:
+        raise NotImplementedError
+
+    def _release_wait_s(self) -> float | None:
         raise NotImplementedError
 
     def _end_of_body(self, run: Run) -> None:

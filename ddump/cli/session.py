@@ -29,7 +29,6 @@ from ddump.cli.runs import (
     HOLD_PER_TARGET,
     LIVE,
     MAX_BUFFERED,
-    TICK_S,
     Run,
     SessionSettings,
     decoder_for,
@@ -37,6 +36,7 @@ from ddump.cli.runs import (
     is_pulled,
 )
 from ddump.cli.sources import Opened, StreamFailure, StreamStalled
+from ddump.cli.ticker import Ticker
 from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError
 from ddump.merge import Merger
@@ -47,13 +47,8 @@ if TYPE_CHECKING:
     from ddump.cli.ssh import SshStream
     from ddump.cli.stream import CaptureStream
 
-STATUS_EVERY_S = 1.0
-READER_CHECK_S = 0.1  # a reader gone (`| head`) is seen this soon while nothing is written
-IDLE_TICK_S = READER_CHECK_S  # nothing held back: the ticker has only that to do
-STARTUP_GRACE_S = 1.0  # at most this (or --max-delay, if longer) waiting for targets to start
 
-
-class Session(Intake, FilePuller, DropCounts):
+class Session(Intake, FilePuller, DropCounts, Ticker):
     """Streams every target, merges, writes; `run()` returns whether any target failed."""
 
     def __init__(
@@ -90,7 +85,9 @@ class Session(Intake, FilePuller, DropCounts):
         self._awaiting_header: set[int] = set()
         self._warned_full = False
         self.pacer = Pacer()
-        self._tick_wake: asyncio.Future[None] | None = None  # the ticker's long sleep, if so
+        self._tick_wake: asyncio.Future[None] | None = None  # the ticker's sleep, if it sleeps
+        self._tick_at = 0.0  # loop time it ends
+        self._tick_timer: asyncio.TimerHandle | None = None
         self._release_due = False
         self._stop_timer: asyncio.TimerHandle | None = None
         self._cutoff_ns: int | None = None  # the time of a stop that waits for batch targets
@@ -421,77 +418,3 @@ class Session(Intake, FilePuller, DropCounts):
             run.clock_known = True
             run.clock_offset_ns = low
             self.merger.start_stream(run.index, low)
-
-    def _start_silent_streams(self, now: float) -> None:
-        # A worker sends the pcap header as soon as tcpdump starts; one that answered but stays
-        # silent must not hold the others back for longer than --max-delay either.
-        grace = self.settings.max_delay_ns / 1e9
-        for index in list(self._awaiting_header):
-            run = self.runs[index]
-            if run.opened_at is None or now - run.opened_at > grace:
-                self._awaiting_header.discard(index)
-                if run.opened_at is not None:
-                    run.opened_at = None
-                    self.merger.start_stream(run.index, run.clock_offset_ns)
-
-    async def _tick_sleep(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        wake = loop.create_future()
-        self._tick_wake = wake if seconds > TICK_S else None  # only a long sleep is hurried
-        timer = loop.call_later(seconds, _resolve, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._tick_wake = None
-
-    def _hurry_ticker(self) -> None:
-        """Records are held back: the next tick must come within TICK_S to release them."""
-        wake = self._tick_wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    async def _tick(self) -> None:
-        next_status = next_reader_check = 0.0
-        last_packets = 0
-        loop = asyncio.get_running_loop()
-        # Output waits for every target to start, to know its clock and link type first; but
-        # a target still connecting after the grace (an unreachable host waits out the whole
-        # connect timeout) is then treated like a quiet one, instead of holding everything.
-        grace_ends = loop.time() + max(STARTUP_GRACE_S, self.settings.max_delay_ns / 1e9)
-        while True:
-            # A tick costs a wakeup, more than a packet's whole work: with nothing held back
-            # there is nothing to release on time, so the ticker sleeps longer (and a release
-            # that leaves records held back hurries it: _hurry_ticker).
-            held = self.merger.buffered or self.staged or self._awaiting_header
-            await self._tick_sleep(TICK_S if held else IDLE_TICK_S)
-            if grace_ends and loop.time() > grace_ends:
-                grace_ends = 0.0
-                self._stop_waiting_for_silent_streams()
-            if self._awaiting_header:
-                self._start_silent_streams(loop.time())
-            if self.merger.buffered or self.staged:  # else a release has nothing to do
-                self._release()
-            # A poll per tick cost more than the tick's other work for a quiet capture: a
-            # reader gone (`| head`) is seen within READER_CHECK_S instead.
-            now = loop.time()
-            if now >= next_reader_check:
-                next_reader_check = now + READER_CHECK_S
-                if self.output.reader_gone():
-                    self._take_output_error()
-                    self.stop(str(self.output.error or "output closed"))
-            if self.reporter.live and now >= next_status:
-                packets = self.output.records
-                rate = (packets - last_packets) / STATUS_EVERY_S if next_status else 0.0
-                last_packets = packets
-                next_status = now + STATUS_EVERY_S
-                capturing = sum(r.counts.state == "capturing" for r in self.runs)
-                self.reporter.status(
-                    f"{capturing}/{len(self.runs)} targets capturing, {packets} packets, "
-                    f"{rate:.0f} pkt/s, {self.output.bytes / 1e6:.1f} MB{self.output.where}"
-                )
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

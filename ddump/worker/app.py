@@ -55,7 +55,8 @@ def _show_filter(text: str | None) -> str:
 
 
 class CaptureHandler(TextErrorsHandler):
-    """GET /capture: tcpdump's pcap as a chunked response, for as long as the client reads."""
+    """GET /capture: tcpdump's pcap, for as long as the client reads: relayed as a chunked
+    response, or written by tcpdump itself to a client that takes that (see direct.py)."""
 
     def initialize(self, state: WorkerState) -> None:
         self.state = state
