@@ -87,6 +87,7 @@ class _Marks:
         self._by_crossing: list[tuple[int, int, int]] = []  # (crossing point, ...)
         self._by_offset: list[tuple[int, int, int]] = []  # (offset - delay, ...): crossed
         self._time = -FOREVER  # the latest T
+        self.limiter: int | None = None  # the stream whose mark was the least, at the latest T
 
     def add(self) -> None:
         self._version.append(0)
@@ -116,18 +117,19 @@ class _Marks:
                 crossed[stream] = True
                 state = streams[stream]
                 heapq.heappush(by_offset, (state.clock_offset_ns - state.delay_ns, stream, seen))
-        mark = FOREVER
+        mark, self.limiter = FOREVER, None
         by_newest = self._by_newest
         while by_newest:
             _, stream, seen = by_newest[0]
             if seen == version[stream] and not crossed[stream]:
-                mark = by_newest[0][0]
+                mark, self.limiter = by_newest[0][0], stream
                 break
             heapq.heappop(by_newest)
         while by_offset:
             offset, stream, seen = by_offset[0]
             if seen == version[stream]:
-                mark = min(mark, time + offset)
+                if time + offset < mark:
+                    mark, self.limiter = time + offset, stream
                 break
             heapq.heappop(by_offset)
         if len(by_newest) + len(by_crossing) + len(by_offset) > 6 * len(streams) + 64:
@@ -282,8 +284,14 @@ class Merger:
         least = self._untimed.least()
         if least is not None and least - 1 < oldest:
             return None
-        # Every timed stream's mark grows at most as fast as the clock.
-        return max(0, oldest - self.watermark(now_ns, max_delay_ns))
+        mark = self.watermark(now_ns, max_delay_ns)
+        limiter = self._marks.limiter
+        if mark >= oldest or limiter is None:
+            return 0
+        # The least mark's stream passes `oldest` once its idle term does (its newest record
+        # does not move with time); another stream may then hold it, and is waited for next.
+        state = self.streams[limiter]
+        return max(1, oldest - (state.clock_offset_ns - state.delay_ns) - (now_ns - max_delay_ns))
 
     def pulled_mark(self) -> int:
         """What a release may reach without making a pulled stream's next record late.

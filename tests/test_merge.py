@@ -294,3 +294,51 @@ def test_wait_ns_is_none_while_the_clock_alone_cannot_release() -> None:
     assert merger.wait_ns(10**18, 0) is None
     merger.start_stream(c)
     assert merger.wait_ns(10**18, 0) is None  # still f's to settle
+
+
+def test_wait_ns_for_a_busy_streams_own_newest_record_is_its_idle_term() -> None:
+    # One stream: its newest record is held (more may come at that timestamp) until a later
+    # one comes or its idle term passes it, max delay later; not in a nanosecond.
+    merger = Merger()
+    a = merger.add_stream("a")
+    merger.start_stream(a, clock_offset_ns=2 * MS)
+    now, delay = 1_000 * MS, 250 * MS
+    merger.push(a, [rec(now - 10 * MS), rec(now - 1 * MS)])
+    assert [ts for ts, _ in merger.release(merger.watermark(now, delay))] == [now - 10 * MS]
+
+    wait = merger.wait_ns(now, delay)
+
+    assert wait == 249 * MS - 2 * MS  # its mark is T + offset: T must reach now - 3 ms
+    assert merger.release(merger.watermark(now + wait - 1, delay)) == []
+    assert [ts for ts, _ in merger.release(merger.watermark(now + wait, delay))] == [now - MS]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-50, 50),  # clock offset, ms
+            st.booleans(),  # a batch stream (delay 20 ms)
+            st.lists(st.integers(0, 400), max_size=4),  # record times, ms
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.integers(0, 600),
+)
+def test_wait_ns_never_sleeps_past_a_release(
+    streams: list[tuple[int, bool, list[int]]], now_ms: int
+) -> None:
+    # Waking at now + wait_ns, and again at each new wait, releases the oldest held record no
+    # later than the first moment the watermark lets it out.
+    merger = Merger()
+    for index, (offset, batch, times) in enumerate(streams):
+        merger.add_stream(str(index), delay_ns=20 * MS if batch else 0)
+        merger.start_stream(index, clock_offset_ns=offset * MS)
+        merger.push(index, sorted(rec(t * MS) for t in times))
+    delay, now = 100 * MS, now_ms * MS
+    merger.release(merger.watermark(now, delay))
+    while (wait := merger.wait_ns(now, delay)) is not None:
+        oldest = merger.oldest_mark(1)
+        assert wait == 0 or merger.watermark(now + wait - 1, delay) < oldest
+        now += wait
+        merger.release(merger.watermark(now, delay))
