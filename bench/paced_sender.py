@@ -14,7 +14,8 @@ as a capture in immediate mode would at that rate, while one process sends for a
 Sent from this (the root) namespace through the fleet's bridge, so each datagram is captured
 once, entering the destination's eth0. Each destination has a sink: a socket bound in its
 namespace that never reads (a small buffer: the kernel drops what does not fit, and no ICMP
-port-unreachable is sent back). Ends after `seconds`, or at SIGTERM/SIGINT; prints "ready"
+port-unreachable is sent back). Ends after `seconds` (a sender starved of CPU at 2 x `seconds`
++ 5 s, short of its count), or at SIGTERM/SIGINT; prints "ready"
 once the sinks are bound and, at the end, one JSON line: sent, seconds, errors, cpu_ns.
 """
 
@@ -140,8 +141,11 @@ def send(dests: list[tuple[str, str, int]], rate: int, seconds: float, size: int
     cpu0 = on_cpu_ns()
     start = time.monotonic()
     sent = errors = 0
+    deadline = start + 2 * seconds + 5  # a sender starved of CPU stops short, and says so
     while sent < total and not stopping:
         now = time.monotonic()
+        if now > deadline:
+            break
         due = min(total, int((now - start) * per_s) + 1)
         while sent < due:
             k = sent % n
@@ -150,11 +154,16 @@ def send(dests: list[tuple[str, str, int]], rate: int, seconds: float, size: int
             for j in range(k, k + count):
                 at = j * size + SEQ_AT
                 buffers[at : at + 8] = seq
-            done = sendmmsg(fd, ctypes.byref(headers, k * ctypes.sizeof(Mmsghdr)), count, 0)
-            if done <= 0:  # ENOBUFS and the like: this batch is lost, say so
+            # Never blocking: a full socket buffer (the path through the bridge is behind)
+            # drops the batch here, counted, rather than stalling the pace and the time bound.
+            done = sendmmsg(fd, ctypes.byref(headers, k * ctypes.sizeof(Mmsghdr)), count,
+                            socket.MSG_DONTWAIT)  # fmt: skip
+            if done <= 0:  # EAGAIN, ENOBUFS: this batch is lost, say so
                 errors += count
                 done = count
             sent += done
+            if time.monotonic() > deadline:
+                break
         wake = max(start + sent / per_s, now + tick)
         ahead = wake - time.monotonic()
         if ahead > 0:
