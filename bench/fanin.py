@@ -233,10 +233,12 @@ def summary(log: str) -> Summary:
             received += int(target.group(1))
             drop = re.search(r"(\d+) dropped by the kernel", target.group(2))
             dropped += int(drop.group(1)) if drop else 0
+    # Event lines that are not a target capturing, and targets that did not end stopped.
     problems = [
         line for line in log.splitlines()
-        if re.search(r"warning|fail|error|Too many|refused|late", line, re.I)
-        and "packets written" not in line and not re.match(r"\s", line)
+        if (line.startswith("ddump: ") and "capturing (filter" not in line
+            and "packets written" not in line and "stopping" not in line)
+        or (re.match(r"\s+\S", line) and not line.rstrip().endswith("[stopped]"))
     ]  # fmt: skip
     return Summary(
         int(written.group(1)) if written else -1,
@@ -487,7 +489,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
                 wait_for(lambda: bool(cli.reader.chunks), 60, "the first byte")
             all_started = -1.0
             with contextlib.suppress(TimeoutError):
-                wait_starts(workers, before, [args.captures] * len(workers), 120)
+                wait_starts(workers, before, [args.captures] * len(workers), 240)
                 all_started = (time.time_ns() - cli.started_ns) / 1e9
             # At least `early_s`, and 2 s past the last capture's start (its first records).
             until = max(early_s, all_started + 2.0)
@@ -514,6 +516,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
     out = list(records(cli.reader.chunks))
     first_record = (out[0].arrival_ns - cli.started_ns) / 1e9 if out else -1
     early_end = cli.started_ns + int(early_s * 1e9)
+    first_end = (cli.reader.chunks[0][0] if cli.reader.chunks else 0) + int(early_s * 1e9)
     row: dict[str, float | str] = {
         "streams": len(targets),
         "pkt/s each": args.rate,
@@ -521,6 +524,9 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
         "first record s": first_record,
         "all captures started s": all_started,
         f"late in first {early_s:g} s": sum(r.late for r in out if r.arrival_ns <= early_end),
+        f"late in {early_s:g} s from first byte": sum(
+            r.late for r in out if r.arrival_ns <= first_end
+        ),
         "late (CLI)": said.late,
         "records out": len(out),
         "kernel drops": drops,
@@ -541,6 +547,14 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
     }
     for line in said.problems[:5]:
         print(f"  CLI: {line}", flush=True)
+    late_targets = sorted(
+        ((int(m.group(2)), m.group(1)) for m in re.finditer(
+            r"^\s+(\S+ \(udp port \d+\))\s+\d+ packets, \d+ bytes, (\d+) late", cli.log(), re.M)),
+        reverse=True,
+    )  # fmt: skip
+    if late_targets:
+        shown = ", ".join(f"{name}: {n}" for n, name in late_targets[:8])
+        print(f"  late by target ({len(late_targets)} of {len(targets)} targets): {shown}")
     return row
 
 
