@@ -68,6 +68,7 @@ SENDER = str(REPO / "bench/paced_sender.py")
 # captures it is short of CPU, so the sender runs at a higher priority (--sender-nice).
 SENDER_NICE: list[int] = [-19]
 CLI_NICE: list[int] = [0]
+START_WAIT_S = 240  # for every capture of `streams` and `filters` to start
 
 
 def loadavg() -> float:
@@ -478,7 +479,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
     ]
     load0 = loadavg()
     before, ends0 = [starts(w) for w in workers], end_counts(workers)
-    bound = early_s + steady_s + 120
+    bound = START_WAIT_S + early_s + steady_s + 60  # the sender's limit: past the window
     sender = Sender(dests, args.rate, bound, SENDER_NICE[0])
     cpu = Cpu({})
     try:
@@ -489,7 +490,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
                 wait_for(lambda: bool(cli.reader.chunks), 60, "the first byte")
             all_started = -1.0
             with contextlib.suppress(TimeoutError):
-                wait_starts(workers, before, [args.captures] * len(workers), 240)
+                wait_starts(workers, before, [args.captures] * len(workers), START_WAIT_S)
                 all_started = (time.time_ns() - cli.started_ns) / 1e9
             # At least `early_s`, and 2 s past the last capture's start (its first records).
             until = max(early_s, all_started + 2.0)
@@ -498,11 +499,14 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
                 time.sleep(2.0)
                 cpu = Cpu({"cli": [cli.pid()], "workers": [w.process.pid for w in workers],
                            "tcpdumps": tcpdumps(workers)})  # fmt: skip
+                backlog = Backlog(fleet.hosts[-1])
                 cpu.start()
+                backlog.start()
                 window = time.time_ns()
                 time.sleep(steady_s)
                 cpu.stop()
                 window_end = time.time_ns()
+                queued = backlog.stop()
         finally:
             cli.stop()
     finally:
@@ -539,6 +543,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
             "p50 ms": percentile(lat, 0.5), "p99 ms": percentile(lat, 0.99),
             "CLI cores": cpu.cores("cli"), "workers cores": cpu.cores("workers"),
             "tcpdumps cores": cpu.cores("tcpdumps"),
+            "CLI Recv-Q KiB med / max": f"{queued[0]:,.0f} / {queued[1]:,.0f}",
         }  # fmt: skip
     row |= {
         "sender achieved pkt/s": sent["sent"] / sent["seconds"],
