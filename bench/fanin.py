@@ -467,6 +467,19 @@ def part_hosts(args: argparse.Namespace, env: dict[str, str]) -> Table:
     return rows
 
 
+def capturing_times(log: str, started_ns: int) -> list[float]:
+    """Seconds from the CLI's start to each target's `capturing` line (its time of day)."""
+    day = time.localtime(started_ns / 1e9)
+    midnight = time.mktime((*day[:3], 0, 0, 0, 0, 0, day.tm_isdst))
+    times = []
+    for h, m, sec, ms in re.findall(
+        r"^ddump: (\d\d):(\d\d):(\d\d)\.(\d{3}) .*: capturing \(", log, re.M
+    ):
+        at = midnight + int(h) * 3600 + int(m) * 60 + int(sec) + int(ms) / 1000
+        times.append(at - started_ns / 1e9)
+    return sorted(times)
+
+
 def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
                   workers: list[WorkerProcess], early_s: float, steady_s: float
                   ) -> dict[str, float | str]:  # fmt: skip
@@ -519,6 +532,7 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
     said = summary(cli.log())
     out = list(records(cli.reader.chunks))
     first_record = (out[0].arrival_ns - cli.started_ns) / 1e9 if out else -1
+    capturing = capturing_times(cli.log(), cli.started_ns)
     early_end = cli.started_ns + int(early_s * 1e9)
     first_end = (cli.reader.chunks[0][0] if cli.reader.chunks else 0) + int(early_s * 1e9)
     row: dict[str, float | str] = {
@@ -527,6 +541,10 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
         "first byte s": cli.first_byte_s(),
         "first record s": first_record,
         "all captures started s": all_started,
+        "CLI saw capturing: first / median / last s": " / ".join(
+            f"{capturing[int(q * (len(capturing) - 1))]:.1f}" if capturing else "-"
+            for q in (0, 0.5, 1)
+        ),
         f"late in first {early_s:g} s": sum(r.late for r in out if r.arrival_ns <= early_end),
         f"late in {early_s:g} s from first byte": sum(
             r.late for r in out if r.arrival_ns <= first_end
