@@ -7,9 +7,9 @@ The spec: {"dests": [[netns, address, port], ...], "rate": per destination per s
 second, `payload(seq)` of tests/netns.py numbered from 0, its own packets evenly spaced and
 the destinations' phases spread evenly over the period (round robin: destination k's n-th
 datagram is due at (n + k / len(dests)) / rate). So each host sees its packets one at a time,
-as a capture in immediate mode would at that rate, while one process sends for all of them:
-64 Python senders, one a host, do not keep pace on 2 cores; this one wakes at most every
-`tick_us` and sends what is due in one sendmmsg call.
+as a capture in immediate mode would at that rate, while one process sends for all of them
+(not a Python sender per host): it wakes at most every `tick_us` and sends what is due in one
+sendmmsg call.
 
 Sent from this (the root) namespace through the fleet's bridge, so each datagram is captured
 once, entering the destination's eth0. Each destination has a sink: a socket bound in its
