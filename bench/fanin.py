@@ -1,8 +1,13 @@
 """One CLI, many sources, on a namespace fleet: 64 hosts x 2,000/s, 1,024 streams, 8 x 8 filters.
 
-    sudo .venv/bin/python bench/fanin.py hosts   [--hosts 8,16,32,64] [--rate 2000] [--seconds 10]
-    sudo .venv/bin/python bench/fanin.py streams [--hosts 16] [--captures 64] [--rate 10]
-    sudo .venv/bin/python bench/fanin.py filters [--hosts 8] [--captures 8] [--rate 100]
+    sudo setsid -w .venv/bin/python bench/fanin.py hosts [--hosts 8,16,32,64] [--rate 2000]
+    sudo setsid -w .venv/bin/python bench/fanin.py streams [--hosts 16] [--captures 64] [--rate 10]
+    sudo setsid -w .venv/bin/python bench/fanin.py filters [--hosts 8] [--captures 8] [--rate 100]
+         [--repeat N] [--cli-nice -19] [--cli-args "-s 256 --connect-timeout 120"] [--seconds S]
+
+`setsid`: the bench's own session, whose priority (autogroup) the thread reading the CLI's
+pipe gets; `--cli-nice -19` gives the CLI the priority of a process with a core of its own
+(see bench/fanin_fleet.py, and BENCHMARKS.md part 7 for why).
 
 Hosts are namespaces of tests/netns.py (198.18.S.0/24 on a bridge; the bridge is given a
 static entry for every host's MAC, or it floods each datagram to every host until it has seen
@@ -61,7 +66,7 @@ from bench.fanin_fleet import (  # noqa: E402
     start_workers,
     tcpdumps,
     wait_starts,
-)  # fmt: skip
+)
 from bench.fanin_readings import (  # noqa: E402
     Backlog,
     Cpu,
@@ -71,7 +76,7 @@ from bench.fanin_readings import (  # noqa: E402
     print_table,
     records,
     summary,
-)  # fmt: skip
+)
 from bench.fleet import percentile, starts, wait_for  # noqa: E402
 from tests.netns import Fleet, WorkerProcess  # noqa: E402
 
