@@ -20,12 +20,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
+from ddump.cli.ssh_control import make_directory
 from ddump.pcapng import CaptureCounts
 from ddump.ssh_command import (
     connection_failure,
@@ -162,7 +162,7 @@ class SshConnections:
         )
         if connection is None:
             if self._directory is None:
-                self._directory = tempfile.mkdtemp(prefix="ddump-ssh-")
+                self._directory = make_directory()
             self._made += 1
             connection = _Connection(key, os.path.join(self._directory, str(self._made)))
             pool.append(connection)
