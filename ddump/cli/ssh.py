@@ -42,6 +42,11 @@ from ddump.worker.tcpdump import LISTENING_MARK, parse_stats
 
 SESSIONS_PER_CONNECTION = 10  # sshd's default MaxSessions
 READ_SIZE = 256 * 1024
+# As the worker does with tcpdump's pipe (ddump/worker/taps.py): a small read means ssh's pipe
+# was nearly empty, and each read is a wakeup and a merge pass of the CLI; a pause lets a few
+# packets gather (at most COALESCE_S of latency). BENCHMARKS.md part 5 has the measurements.
+COALESCE_BELOW = 16 * 1024
+COALESCE_S = 0.001
 STDERR_KEEP = 64 * 1024
 STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then ssh is killed
 # From the session's start to tcpdump's "listening on": sudo, the shell and tcpdump (a worker
@@ -363,6 +368,8 @@ class SshStream:
             result = on_data(chunk)
             if isinstance(result, Awaitable):
                 await result
+            if len(chunk) < COALESCE_BELOW:
+                await asyncio.sleep(COALESCE_S)
 
     async def _ended(self, process: asyncio.subprocess.Process) -> None:
         """Wait for ssh to exit (killed after STOP_GRACE_S), then for the rest of stderr."""
