@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from ddump.errors import UsageError
 from ddump.ssh_command import (
+    config_argv,
+    configured_control_path,
     connection_failure,
     master_argv,
     read_clock,
@@ -107,6 +109,30 @@ def test_connection_and_session_command_lines() -> None:
     assert session_argv(target, "/run/d/1", 10) == [
         *common, "-T", "-o", "ControlMaster=no", "--", "web-2", "exec sh -s",
     ]  # fmt: skip
+
+
+def test_a_lone_session_leaves_the_control_path_to_the_users_configuration() -> None:
+    target = parse_ssh_target("ssh://web-1")
+
+    argv = session_argv(target, None, 10)
+
+    assert not any(word.startswith("ControlPath") for word in argv)
+    assert argv[-6:] == ["-T", "-o", "ControlMaster=no", "--", "web-1", "exec sh -s"]
+
+
+def test_ssh_dash_g_reads_the_targets_own_options_and_finds_the_users_control_path() -> None:
+    target = parse_ssh_target("ssh://ops@web-2:2222")
+    target = SshTarget(**{**target.__dict__, "ssh_options": ("ProxyJump=bastion",)})
+
+    assert config_argv(target) == [
+        "ssh", "-G", "-T", "-o", "ProxyJump=bastion", "-p", "2222", "-l", "ops", "--", "web-2",
+    ]  # fmt: skip
+    shown = (
+        "user ops\nhostname web-2\ncontrolmaster auto\ncontrolpath /home/o/.ssh/cm-ops@web-2:2222\n"
+    )
+    assert configured_control_path(shown) == "/home/o/.ssh/cm-ops@web-2:2222"
+    assert configured_control_path("controlmaster false\ncontrolpath none\n") is None
+    assert configured_control_path("user ops\n") is None
 
 
 def test_remote_script_byte_for_byte() -> None:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
-from ddump.cli.ssh_control import make_directory
+from ddump.cli.ssh_control import make_directory, master_listening, user_control_path
 from ddump.pcapng import CaptureCounts
 from ddump.ssh_command import (
     connection_failure,
@@ -54,7 +54,9 @@ STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then 
 LISTEN_GRACE_S = 10.0
 _SOCKET_POLL_S = 0.01
 _SSH_FAILED = 255  # ssh's own exit status: the connection failed, not the remote command
-_NO_CONTROL = "none"  # ControlPath for a connection of its own: no socket, none of the user's
+# Of sshd's default 10 sessions per connection, what ddump takes on the user's own master:
+# some of theirs (a shell, a copy) may be on it too. More captures go on ddump's own masters.
+USER_MASTER_SESSIONS = SESSIONS_PER_CONNECTION - 2
 
 
 def connection_key(target: SshTarget) -> tuple[object, ...]:
@@ -98,6 +100,8 @@ class _Connection:
 
     key: tuple[object, ...]
     control_path: str
+    capacity: int = SESSIONS_PER_CONNECTION
+    owned: bool = True  # False: the user's own master, which ddump neither starts nor stops
     users: int = 0
     process: asyncio.subprocess.Process | None = None
     ready: asyncio.Future[None] = field(
@@ -157,14 +161,28 @@ class SshConnections:
         self._directory: str | None = None
         self._by_key: dict[tuple[object, ...], list[_Connection]] = {}
         self._made = 0
+        self._user_paths: dict[tuple[object, ...], asyncio.Future[str | None]] = {}
+
+    async def user_master(self, target: SshTarget) -> str | None:
+        """The control socket of the user's own master for target's destination if one is
+        listening now (`ssh -G` once per destination)."""
+        key = connection_key(target)
+        if key not in self._user_paths:
+            self._user_paths[key] = asyncio.ensure_future(user_control_path(target))
+        path = await asyncio.shield(self._user_paths[key])
+        return path if path is not None and master_listening(path) else None
 
     async def acquire(self, target: SshTarget, timeout_s: float) -> _Connection:
-        """A connection with room for one more session (made if needed), once it is up."""
+        """A connection with room for one more session (made if needed), once it is up: the
+        user's own master first, when one is listening."""
         key = connection_key(target)
+        theirs = await self.user_master(target)
         pool = self._by_key.setdefault(key, [])
-        connection = next(
-            (c for c in pool if c.users < SESSIONS_PER_CONNECTION and not c.failed), None
-        )
+        connection = next((c for c in pool if c.users < c.capacity and not c.failed), None)
+        if connection is None and theirs is not None and all(c.owned for c in pool):
+            connection = _Connection(key, theirs, USER_MASTER_SESSIONS, owned=False)
+            connection.ready.set_result(None)
+            pool.append(connection)
         if connection is None:
             if self._directory is None:
                 self._directory = make_directory()
@@ -238,8 +256,10 @@ class SshStream:
         if not self.shared:
             if self._closing:
                 return
+            # No `ssh -G` needed: ssh itself uses the user's master if one listens at their
+            # ControlPath, else connects (and, with ControlMaster=no, is nobody's master).
             try:
-                await self._capture(_NO_CONTROL, on_opened, on_data)
+                await self._capture(None, on_opened, on_data)
             finally:
                 await self._reap()
             return
@@ -279,7 +299,7 @@ class SshStream:
         return connection
 
     async def _capture(
-        self, control_path: str, on_opened: OpenedCallback, on_data: DataCallback
+        self, control_path: str | None, on_opened: OpenedCallback, on_data: DataCallback
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()

@@ -1,4 +1,10 @@
-"""The private directory of ddump's SSH control sockets, and the removal of stale ones.
+"""SSH control sockets: the user's own master, ddump's private directory and its stale ones.
+
+The user's master: when their ssh configuration (`ssh -G`) names a ControlPath and a master
+listens there (`ControlMaster auto` with `ControlPersist`, or an `ssh -M` of theirs), captures
+open their sessions on it, as the user's own ssh commands would: no new connection, no new
+authentication. ddump never starts a master at the user's path: with ControlPersist it would
+outlive ddump, and without it ddump would end it, and with it any session of the user's on it.
 
 ddump removes its directory when its last shared connection closes; a `kill -9` of ddump (or
 a crash) leaves it behind, with the dead masters' sockets in it. The directory's name carries
@@ -10,14 +16,22 @@ that process ends too: leaving an empty directory is harmless, removing a live o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import shutil
+import socket
 import stat
+import subprocess
 import tempfile
 
+from ddump.ssh_command import config_argv, configured_control_path
+from ddump.ssh_targets import SshTarget
+from ddump.worker.spawn import child_setup
+
 PREFIX = "ddump-ssh-"
+CONFIG_TIMEOUT_S = 5.0  # `ssh -G` reads files only (and runs the user's `Match exec`)
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[A-Za-z0-9_]+$")
 
 
@@ -65,3 +79,39 @@ def _alive(pid: int) -> bool:
     except OverflowError:
         return False  # not a pid at all
     return True
+
+
+async def user_control_path(target: SshTarget) -> str | None:
+    """The ControlPath of the user's ssh configuration for target; None if none (or if
+    `ssh -G` fails: then the connection's own ssh reports what is wrong)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *config_argv(target),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=child_setup(None),
+        )
+    except OSError:
+        return None
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), CONFIG_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        return None
+    if process.returncode != 0:
+        return None
+    return configured_control_path(out.decode("utf-8", "replace"))
+
+
+def master_listening(path: str) -> bool:
+    """Whether an ssh master accepts connections on the control socket at path (a socket file
+    left by a dead master refuses them)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    return False
