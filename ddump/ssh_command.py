@@ -27,12 +27,12 @@ KEEPALIVE_S = 5  # ServerAliveInterval: a dead connection is noticed within 3 of
 _CLOCK_LINE = re.compile(rf"^{CLOCK_MARK} (\d{{10,}})$")
 _INTERFACE_LINE = re.compile(rf"^{INTERFACE_MARK} (\d+) (.+)$")
 # Lines that only tell what ssh did, not what went wrong.
-_SSH_CHATTER = (
+_SSH_NOISE = (
     "Warning: Permanently added",
-    "Connection to ",
-    "Shared connection to ",
     "Could not chdir to home directory",  # sshd's, for accounts without one
 )
+# ssh's word that a session ended: chatter, except when it ended unasked (connection_lost).
+_SSH_CHATTER = (*_SSH_NOISE, "Connection to ", "Shared connection to ")
 
 
 def ssh_base_argv(
@@ -210,6 +210,20 @@ def connection_failure(host: str, stderr_text: str, status: int | None) -> str:
             "and the host's authorized_keys"
         )
     return text or f"ssh exited with status {status} before connecting"
+
+
+def connection_lost(host: str, stderr_text: str, status: int | None) -> str:
+    """Why a capture that had started ended with its SSH connection (ssh's own status 255):
+    ssh's last words (e.g. "Connection to HOST closed by remote host."), not tcpdump's."""
+    lines = [
+        line.strip()
+        for line in stderr_text.splitlines()
+        if error_lines(line)  # not tcpdump's "listening on", link type or counts
+        and not is_script_line(line)
+        and not line.startswith(_SSH_NOISE)
+    ]
+    said = f": {'; '.join(lines[-2:])}" if lines else f" (ssh exited with status {status})"
+    return f"the SSH connection to {host} was lost{said}"
 
 
 def session_failure(stderr_text: str, status: int | None) -> str:

@@ -121,10 +121,16 @@ class SshSite:
         return self
 
     def serve(
-        self, host: Host, *, wrong_key: bool = False, known: bool = True, port: int = 22
+        self,
+        host: Host,
+        *,
+        wrong_key: bool = False,
+        known: bool = True,
+        port: int = 22,
+        extra: str = "",
     ) -> None:
         """Start sshd on host; known_hosts holds its key (another one if wrong_key; none if
-        not known)."""
+        not known); `extra`: more sshd_config lines."""
         config = self.dir / f"sshd_{host.name}"
         config.write_text(
             f"ListenAddress {host.address}:{port}\n"
@@ -137,6 +143,7 @@ class SshSite:
             "PermitRootLogin no\n"
             "StrictModes no\n"
             "LogLevel ERROR\n"
+            f"{extra}"
         )
         log = open(self.dir / f"sshd_{host.name}.log", "wb")  # noqa: SIM115 (the process's)
         process = host.popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)

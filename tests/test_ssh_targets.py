@@ -13,6 +13,7 @@ from ddump.ssh_command import (
     config_argv,
     configured_control_path,
     connection_failure,
+    connection_lost,
     master_argv,
     read_clock,
     read_interface,
@@ -224,4 +225,25 @@ def test_failures_say_what_happened_and_what_to_do() -> None:
     assert "not installed" in session_failure("sh: 1: tcpdump: not found\n", 127)
     assert session_failure("tcpdump: can't parse filter expression: syntax error\n", 1) == (
         "can't parse filter expression: syntax error"
+    )
+
+
+def test_a_connection_lost_mid_capture_is_told_in_ssh_words_not_tcpdumps() -> None:
+    started = (
+        "ddump-clock 1700000000123456789\n"
+        "tcpdump: data link type LINUX_SLL2\n"
+        "tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2), snapshot length "
+        "262000 bytes\n"
+    )
+
+    assert connection_lost("web-1", started, 255) == (
+        "the SSH connection to web-1 was lost (ssh exited with status 255)"
+    )
+    assert (
+        connection_lost("web-1", started + "Connection to web-1 closed by remote host.\n", 255)
+        == "the SSH connection to web-1 was lost: Connection to web-1 closed by remote host."
+    )
+    assert (
+        connection_lost("web-1", started + "Timeout, server web-1 not responding.\n", 255)
+        == "the SSH connection to web-1 was lost: Timeout, server web-1 not responding."
     )

@@ -8,6 +8,8 @@ The connection is made once, authenticated once, and each capture is a session o
 target alone on its host needs no sharing: its capture is the connection's first session,
 without the separate master and the wait for its socket (16 hosts: first byte 1.98 s against
 2.39 s in the median, BENCHMARKS.md part 5).
+When the user's own master for a destination is running (their ControlPath, ssh_control.py),
+captures open their sessions on it instead, and ddump starts no connection there.
 
 Every ssh process runs in a session of its own (a Ctrl-C at the terminal reaches ddump only,
 which then stops each capture cleanly, counts included) and is killed if ddump dies.
@@ -29,6 +31,7 @@ from ddump.cli.ssh_control import make_directory, master_listening, user_control
 from ddump.pcapng import CaptureCounts
 from ddump.ssh_command import (
     connection_failure,
+    connection_lost,
     interfaces_of,
     master_argv,
     read_clock,
@@ -432,6 +435,8 @@ class SshStream:
 
     def _failure(self, status: int | None) -> str:
         if status == _SSH_FAILED or status is None:
+            if self._listening.is_set():
+                return connection_lost(self.target.host, self._stderr, status)
             return connection_failure(self.target.host, self._stderr, status)
         return session_failure(self._stderr, status)
 
