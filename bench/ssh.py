@@ -19,13 +19,15 @@ Needs root, `ip`, tcpdump, sshd and ssh (the tests' sshd setup: tests/sshd.py).
                 .venv/bin/python -P -S -c 'from ddump.cli.main import main; main()'"
   (-P -S: not the editable install's ddump, which would come first).
 - first byte: `--hosts` hosts each run sshd; the CLI (on one more host) captures on all of
-  them over SSH: the time from its start to the first byte of output, `--runs` times.
+  them over SSH (`--per-host` targets on each): the time from its start to the first byte of
+  output, `--runs` times (and as many of the `--before` CLI, in turn).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import select
 import shlex
@@ -230,15 +232,24 @@ def part_latency(
         print(f"ssh p99 / worker p99 of the same round: {_spread(ratios)}")
 
 
-def part_first_byte(n_hosts: int, runs: int) -> None:
-    with Fleet(n_hosts + 1) as fleet, SshSite() as site:
+def part_first_byte(n_hosts: int, runs: int, per_host: int, client_lines: list[str]) -> None:
+    with Fleet(n_hosts + 1) as fleet, SshSite(client_lines) as site:
         sources, cli_host = fleet.hosts[:n_hosts], fleet.hosts[n_hosts]
         for host in sources:
             site.serve(host)
-        targets = [f"ssh://{h.address}?sudo=1&filter=udp" for h in sources]
+        # per_host > 1: several targets on each host share a connection (and `ssh -G` runs).
+        targets = [
+            f"ssh://{h.address}?sudo=1&filter=" + ("udp" if i == 0 else f"udp%20port%20{6000 + i}")
+            for h in sources
+            for i in range(per_host)
+        ]
+        n_targets = len(targets)
         # Output begins with the first packet: every host sends a few each second meanwhile.
         flows = [fb.Flow(h, cli_host, fb.BASE_PORT + i) for i, h in enumerate(sources)]
-        traffic = threading.Thread(target=fb.send, args=(flows, 20 * runs + 10, 2), daemon=True)
+        # With --before: its runs and ours in turn.
+        clis = [("", fb.DDUMP)] + ([("before: ", BEFORE)] if BEFORE else [])
+        count = 20 * runs * len(clis) + 10
+        traffic = threading.Thread(target=fb.send, args=(flows, count, 2), daemon=True)
         traffic.start()
         # Its 32 Python senders and sinks start first: else their start-up, not the CLI's,
         # fills the first run (5 s to first byte, against 2 s warm).
@@ -248,10 +259,10 @@ def part_first_byte(n_hosts: int, runs: int) -> None:
             "a sender on every host",
         )
         time.sleep(2.0)
-        for run in range(runs):
+        for run, (label, command) in itertools.product(range(runs), clis):
             started = time.monotonic()
             process = cli_host.popen(
-                [*fb.DDUMP, *targets, "-w", "-"],
+                [*command, *targets, "-w", "-"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -275,7 +286,7 @@ def part_first_byte(n_hosts: int, runs: int) -> None:
             took = time.monotonic() - started
             first = os.read(process.stdout.fileno(), 24) if ready else b""
             deadline = time.monotonic() + 20
-            while len(capturing) < n_hosts and time.monotonic() < deadline:
+            while len(capturing) < n_targets and time.monotonic() < deadline:
                 time.sleep(0.05)
             process.send_signal(signal.SIGINT)
             process.stdout.read()
@@ -286,9 +297,9 @@ def part_first_byte(n_hosts: int, runs: int) -> None:
                 if capturing
                 else "none"
             )
-            print(f"first byte, {n_hosts} ssh:// hosts, run {run + 1}: {took:.2f} s "
-                  f"({len(first)} bytes); 'capturing' first / median / last: {spread} s "
-                  f"({len(capturing)} targets)", flush=True)  # fmt: skip
+            print(f"{label}first byte, {n_hosts} ssh:// hosts x {per_host}, run {run + 1}: "
+                  f"{took:.2f} s ({len(first)} bytes); 'capturing' first / median / last: "
+                  f"{spread} s ({len(capturing)} targets)", flush=True)  # fmt: skip
         traffic.join(60)
 
 
@@ -299,6 +310,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hosts", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--per-host", type=int, default=1, help="first byte: targets per host")
     parser.add_argument("--rounds", type=int, default=2, help="latency: runs of each kind")
     parser.add_argument(
         "--kinds", default="worker,ssh", help="latency: worker, ssh, bare, ssh-before"
@@ -319,7 +331,7 @@ def main() -> None:
             args.rate, args.seconds, args.rounds, args.kinds.split(","), args.client_config
         )
     if "firstbyte" in parts:
-        part_first_byte(args.hosts, args.runs)
+        part_first_byte(args.hosts, args.runs, args.per_host, args.client_config)
 
 
 if __name__ == "__main__":
