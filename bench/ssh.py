@@ -248,7 +248,7 @@ def part_first_byte(n_hosts: int, runs: int, per_host: int, client_lines: list[s
         flows = [fb.Flow(h, cli_host, fb.BASE_PORT + i) for i, h in enumerate(sources)]
         # With --before: its runs and ours in turn.
         clis = [("", fb.DDUMP)] + ([("before: ", BEFORE)] if BEFORE else [])
-        count = 20 * runs * len(clis) + 10
+        count = 40 * runs * len(clis) + 10
         traffic = threading.Thread(target=fb.send, args=(flows, count, 2), daemon=True)
         traffic.start()
         # Its 32 Python senders and sinks start first: else their start-up, not the CLI's,
@@ -300,7 +300,7 @@ def part_first_byte(n_hosts: int, runs: int, per_host: int, client_lines: list[s
             print(f"{label}first byte, {n_hosts} ssh:// hosts x {per_host}, run {run + 1}: "
                   f"{took:.2f} s ({len(first)} bytes); 'capturing' first / median / last: "
                   f"{spread} s ({len(capturing)} targets)", flush=True)  # fmt: skip
-        traffic.join(60)
+        traffic.join(count / 2 + 15)
 
 
 def main() -> None:
