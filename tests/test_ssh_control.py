@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -75,6 +76,22 @@ def test_other_names_files_and_links_stay(tmp_path: Path, dead_pid: int) -> None
     assert all(path.exists() for path in others)
     assert a_file.exists() and link.is_symlink()
     assert (target / "data").read_text() == "kept"
+
+
+def test_a_directory_whose_socket_a_master_still_serves_stays(
+    tmp_path: Path, dead_pid: int
+) -> None:
+    # Its ddump may run in another pid namespace sharing this directory: its pid means nothing.
+    serving = tmp_path / f"ddump-ssh-{dead_pid}-ns1"
+    serving.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as master:
+        master.bind(str(serving / "1"))
+        master.listen()
+
+        assert remove_stale(str(tmp_path)) == []
+        assert serving.exists()
+
+    assert remove_stale(str(tmp_path)) == [str(serving)]  # closed: its socket is a leftover
 
 
 def test_another_users_directory_stays(tmp_path: Path, dead_pid: int) -> None:

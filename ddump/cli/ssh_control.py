@@ -9,9 +9,10 @@ outlive ddump, and without it ddump would end it, and with it any session of the
 ddump removes its directory when its last shared connection closes; a `kill -9` of ddump (or
 a crash) leaves it behind, with the dead masters' sockets in it. The directory's name carries
 the pid of the ddump that made it (`ddump-ssh-PID-RANDOM`), so a later run removes those of
-processes that are gone: only directories (never a link), only the user's own, and only when
-no process with that pid runs. A pid reused since by another process keeps its directory until
-that process ends too: leaving an empty directory is harmless, removing a live one is not.
+processes that are gone: only directories (never a link), only the user's own, only when no
+process with that pid runs and no master listens on a socket in it. A pid reused since by
+another process keeps its directory until that process ends too: leaving an empty directory
+is harmless, removing a live one is not.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def remove_stale(root: str) -> list[str]:
             match = _NAME.match(entry.name)
             if match is None or not _is_own_directory(entry.path):
                 continue
-            if _alive(int(match.group(1))):
+            if _alive(int(match.group(1))) or _serving(entry.path):
                 continue
             shutil.rmtree(entry.path, ignore_errors=True)  # fd-based: follows no link
             removed.append(entry.path)
@@ -65,6 +66,18 @@ def _is_own_directory(path: str) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _serving(directory: str) -> bool:
+    """Whether a master still listens on a socket in directory (its ddump may run in another
+    pid namespace that shares this temporary directory, where its pid means nothing)."""
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        return any(
+            stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+            and master_listening(entry.path)
+            for entry in entries
+        )
+    return False
 
 
 def _alive(pid: int) -> bool:
