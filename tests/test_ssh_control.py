@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from ddump.cli.ssh_connections import USER_MASTER_SESSIONS, SshConnections
 from ddump.cli.ssh_control import make_directory, remove_stale
+from ddump.ssh_targets import parse_ssh_target
 from tests.conftest import require_root
 from tests.netns import Fleet
 from tests.sshd import SshSite
@@ -143,3 +146,46 @@ def test_a_run_after_a_kill_9_removes_the_killed_runs_directory(
     assert len(during) == 1
     assert status == 0, later.stderr
     assert list(tmp_path.glob("ddump-ssh-*")) == []
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An `ssh` first on PATH whose `-G` shows a ControlPath; each call is counted."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    ssh = bin_dir / "ssh"
+    ssh.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'[ "$1" = -G ] && printf "user ops\\ncontrolmaster auto\\ncontrolpath {tmp_path}/cm\\n"\n'
+    )
+    ssh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+def test_the_users_master_is_found_once_per_destination_and_only_while_it_listens(
+    tmp_path: Path, fake_ssh: Path
+) -> None:
+    connections = SshConnections()
+    target = parse_ssh_target("ssh://ops@web-1")
+
+    async def sessions_on_theirs() -> list[tuple[str, bool, int]]:
+        got = [await connections.acquire(target, 5) for _ in range(USER_MASTER_SESSIONS)]
+        found = [(c.control_path, c.owned, c.capacity) for c in got]
+        for connection in got:
+            await connections.release(connection)  # the user's master: nothing to stop
+        return found
+
+    not_listening = asyncio.run(connections.user_master(target))
+    with socket.socket(socket.AF_UNIX) as master:
+        master.bind(str(tmp_path / "cm"))
+        master.listen()
+        listening = asyncio.run(connections.user_master(target))  # another event loop
+        on_theirs = asyncio.run(sessions_on_theirs())
+
+    assert not_listening is None
+    assert listening == str(tmp_path / "cm")
+    assert set(on_theirs) == {(str(tmp_path / "cm"), False, USER_MASTER_SESSIONS)}
+    assert len(on_theirs) == USER_MASTER_SESSIONS
+    assert fake_ssh.read_text().splitlines() == ["-G -T -l ops -- web-1"]  # once, nothing else

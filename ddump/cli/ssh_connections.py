@@ -135,15 +135,21 @@ class SshConnections:
         self._directory: str | None = None
         self._by_key: dict[tuple[object, ...], list[Connection]] = {}
         self._made = 0
-        self._user_paths: dict[tuple[object, ...], asyncio.Future[str | None]] = {}
+        self._user_paths: dict[tuple[object, ...], str | None] = {}  # by destination
+        self._lookups: dict[tuple[object, ...], asyncio.Future[str | None]] = {}
 
     async def user_master(self, target: SshTarget) -> str | None:
         """The control socket of the user's own master for target's destination if one is
-        listening now (`ssh -G` once per destination)."""
+        listening now (`ssh -G` once per destination, shared by its targets)."""
         key = connection_key(target)
-        if key not in self._user_paths:
-            self._user_paths[key] = asyncio.ensure_future(user_control_path(target))
-        path = await asyncio.shield(self._user_paths[key])
+        if key in self._user_paths:
+            path = self._user_paths[key]
+        else:
+            lookup = self._lookups.get(key)
+            if lookup is None or lookup.get_loop() is not asyncio.get_running_loop():
+                lookup = self._lookups[key] = asyncio.ensure_future(user_control_path(target))
+            path = self._user_paths[key] = await asyncio.shield(lookup)
+            self._lookups.pop(key, None)
         return path if path is not None and master_listening(path) else None
 
     async def acquire(self, target: SshTarget, timeout_s: float) -> Connection:
