@@ -21,13 +21,13 @@ __all__ = ["site"]  # the live tests' fixture: real sshd, keys and the client's 
 
 
 @pytest.fixture
-def user_site(site: SshSite) -> SshSite:
-    """The site, its client configured for connection sharing at a path of the user's."""
-    site.user_path = site.dir / "cm"  # type: ignore[attr-defined]
-    site.user_path.mkdir()  # type: ignore[attr-defined]
+def user_path(site: SshSite) -> Path:
+    """The site's client configured for connection sharing: the directory of its sockets."""
+    path = site.dir / "cm"
+    path.mkdir()
     with site.config.open("a") as config:  # still in its `Host *`
-        config.write(f"  ControlMaster auto\n  ControlPath {site.dir}/cm/%r@%h:%p\n")
-    return site
+        config.write(f"  ControlMaster auto\n  ControlPath {path}/%r@%h:%p\n")
+    return path
 
 
 @pytest.fixture
@@ -48,11 +48,11 @@ def _connections_to(host: Host) -> int:
     return len(out.splitlines())
 
 
-def _user_master(site: SshSite, host: Host) -> subprocess.Popen[bytes]:
+def _user_master(site: SshSite, user_path: Path, host: Host) -> subprocess.Popen[bytes]:
     """The user's own `ssh -M -N HOST`, its socket in the user's ControlPath."""
     master = subprocess.Popen(["ssh", "-M", "-N", host.address], env=site.env)
     deadline = time.monotonic() + 10
-    while not any(site.user_path.iterdir()):  # type: ignore[attr-defined]
+    while not any(user_path.iterdir()):
         assert master.poll() is None and time.monotonic() < deadline, "no user master"
         time.sleep(0.02)
     return master
@@ -60,14 +60,14 @@ def _user_master(site: SshSite, host: Host) -> subprocess.Popen[bytes]:
 
 @pytest.mark.parametrize("n_targets", [1, 2])
 def test_captures_use_the_users_running_master_and_leave_it_running(
-    user_site: SshSite, fleet: Fleet, tmp_path: Path, n_targets: int
+    site: SshSite, user_path: Path, fleet: Fleet, tmp_path: Path, n_targets: int
 ) -> None:
     h1, h2 = fleet.hosts
-    user_site.serve(h1)
-    master = _user_master(user_site, h1)
+    site.serve(h1)
+    master = _user_master(site, user_path, h1)
     try:
         urls = [ssh_url(h1, f"udp port {5001 + i}") for i in range(n_targets)]
-        cli = Cli(user_site, urls, tmp_path / "out.pcap")
+        cli = Cli(site, urls, tmp_path / "out.pcap")
         cli.wait_for(": capturing", n=n_targets)
         connections = _connections_to(h1)
         processes = len(_ssh_children(cli.process.pid))
@@ -89,14 +89,14 @@ def test_captures_use_the_users_running_master_and_leave_it_running(
 
 @pytest.mark.parametrize("n_targets", [1, 2])
 def test_without_a_running_master_ddump_connects_itself_and_starts_none_there(
-    user_site: SshSite, fleet: Fleet, tmp_path: Path, n_targets: int
+    site: SshSite, user_path: Path, fleet: Fleet, tmp_path: Path, n_targets: int
 ) -> None:
     h1, h2 = fleet.hosts
-    user_site.serve(h1)
+    site.serve(h1)
     urls = [ssh_url(h1, f"udp port {5001 + i}") for i in range(n_targets)]
-    cli = Cli(user_site, urls, tmp_path / "out.pcap")
+    cli = Cli(site, urls, tmp_path / "out.pcap")
     cli.wait_for(": capturing", n=n_targets)
-    at_users_path = list(user_site.user_path.iterdir())  # type: ignore[attr-defined]
+    at_users_path = list(user_path.iterdir())
     sent = udp_traffic(h2, h1, port=5001, count=20)
     time.sleep(0.5)
     status = cli.finish()
