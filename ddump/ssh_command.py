@@ -27,17 +27,25 @@ KEEPALIVE_S = 5  # ServerAliveInterval: a dead connection is noticed within 3 of
 _CLOCK_LINE = re.compile(rf"^{CLOCK_MARK} (\d{{10,}})$")
 _INTERFACE_LINE = re.compile(rf"^{INTERFACE_MARK} (\d+) (.+)$")
 # Lines that only tell what ssh did, not what went wrong.
-_SSH_CHATTER = (
+_SSH_NOISE = (
     "Warning: Permanently added",
-    "Connection to ",
-    "Shared connection to ",
     "Could not chdir to home directory",  # sshd's, for accounts without one
 )
+# ssh's word that a session ended: chatter, except when it ended unasked (connection_lost).
+_SSH_CHATTER = (*_SSH_NOISE, "Connection to ", "Shared connection to ")
 
 
-def ssh_base_argv(target: SshTarget, control_path: str, connect_timeout_s: float) -> list[str]:
-    """Options common to the connection and its sessions; ssh keeps the first value given."""
-    argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ControlPath={control_path}", "-e", "none"]
+def ssh_base_argv(
+    target: SshTarget, control_path: str | None, connect_timeout_s: float
+) -> list[str]:
+    """Options common to the connection and its sessions; ssh keeps the first value given.
+
+    control_path None: the user's own ControlPath, if their configuration has one.
+    """
+    argv = ["ssh", "-o", "BatchMode=yes"]
+    if control_path is not None:
+        argv += ["-o", f"ControlPath={control_path}"]
+    argv += ["-e", "none"]
     for option in target.ssh_options:
         argv += ["-o", option]
     argv += [
@@ -61,10 +69,38 @@ def master_argv(target: SshTarget, control_path: str, connect_timeout_s: float) 
     return [*base, "-N", "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "--", target.host]
 
 
-def session_argv(target: SshTarget, control_path: str, connect_timeout_s: float) -> list[str]:
-    """One capture, over the shared connection; the script comes on standard input."""
+def session_argv(
+    target: SshTarget, control_path: str | None, connect_timeout_s: float
+) -> list[str]:
+    """One capture, over the shared connection; the script comes on standard input.
+
+    control_path None: over the user's own master if one listens at their ControlPath, else
+    (or without one) on a connection of its own; never a master for others (ControlMaster=no).
+    """
     base = ssh_base_argv(target, control_path, connect_timeout_s)
     return [*base, "-T", "-o", "ControlMaster=no", "--", target.host, REMOTE_COMMAND]
+
+
+def config_argv(target: SshTarget) -> list[str]:
+    """`ssh -G`: the configuration ssh would use for target, printed (nothing connects)."""
+    argv = ["ssh", "-G", "-T"]
+    for option in target.ssh_options:
+        argv += ["-o", option]
+    if target.port is not None:
+        argv += ["-p", str(target.port)]
+    if target.user is not None:
+        argv += ["-l", target.user]
+    return [*argv, "--", target.host]
+
+
+def configured_control_path(config_text: str) -> str | None:
+    """The ControlPath in `ssh -G` output (tokens expanded by ssh), None if there is none."""
+    for line in config_text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key.lower() == "controlpath":
+            value = value.strip()
+            return None if value in ("", "none") else value
+    return None
 
 
 def tcpdump_words(target: SshTarget) -> str:
@@ -174,6 +210,20 @@ def connection_failure(host: str, stderr_text: str, status: int | None) -> str:
             "and the host's authorized_keys"
         )
     return text or f"ssh exited with status {status} before connecting"
+
+
+def connection_lost(host: str, stderr_text: str, status: int | None) -> str:
+    """Why a capture that had started ended with its SSH connection (ssh's own status 255):
+    ssh's last words (e.g. "Connection to HOST closed by remote host."), not tcpdump's."""
+    lines = [
+        line.strip()
+        for line in stderr_text.splitlines()
+        if error_lines(line)  # not tcpdump's "listening on", link type or counts
+        and not is_script_line(line)
+        and not line.startswith(_SSH_NOISE)
+    ]
+    said = f": {'; '.join(lines[-2:])}" if lines else f" (ssh exited with status {status})"
+    return f"the SSH connection to {host} was lost{said}"
 
 
 def session_failure(stderr_text: str, status: int | None) -> str:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.netns import Host
@@ -77,7 +78,8 @@ def remove_accounts(created: list[str]) -> None:
 class SshSite:
     """Keys, client configuration and the sshd processes of one test."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_lines: Sequence[str] = ()) -> None:
+        self.client_lines = list(client_lines)  # first in the client's ssh_config
         # Not pytest's tmp_path: sshd reads authorized keys as the user, who must reach them.
         self.dir = Path(tempfile.mkdtemp(prefix="ddump-sshd-"))
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
@@ -101,7 +103,7 @@ class SshSite:
         self.known_hosts.write_text("")
         self.config = self.dir / "ssh_config"
         self.config.write_text(
-            "Host *\n"
+            "".join(line + "\n" for line in self.client_lines) + "Host *\n"
             f"  User {CAP_USER}\n"
             f"  IdentityFile {self.client_key}\n"
             "  IdentitiesOnly yes\n"
@@ -119,10 +121,16 @@ class SshSite:
         return self
 
     def serve(
-        self, host: Host, *, wrong_key: bool = False, known: bool = True, port: int = 22
+        self,
+        host: Host,
+        *,
+        wrong_key: bool = False,
+        known: bool = True,
+        port: int = 22,
+        extra: str = "",
     ) -> None:
         """Start sshd on host; known_hosts holds its key (another one if wrong_key; none if
-        not known)."""
+        not known); `extra`: more sshd_config lines."""
         config = self.dir / f"sshd_{host.name}"
         config.write_text(
             f"ListenAddress {host.address}:{port}\n"
@@ -135,6 +143,7 @@ class SshSite:
             "PermitRootLogin no\n"
             "StrictModes no\n"
             "LogLevel ERROR\n"
+            f"{extra}"
         )
         log = open(self.dir / f"sshd_{host.name}.log", "wb")  # noqa: SIM115 (the process's)
         process = host.popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log)

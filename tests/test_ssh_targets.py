@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 
 from ddump.errors import UsageError
 from ddump.ssh_command import (
+    config_argv,
+    configured_control_path,
     connection_failure,
+    connection_lost,
     master_argv,
     read_clock,
     read_interface,
@@ -109,6 +112,30 @@ def test_connection_and_session_command_lines() -> None:
     ]  # fmt: skip
 
 
+def test_a_lone_session_leaves_the_control_path_to_the_users_configuration() -> None:
+    target = parse_ssh_target("ssh://web-1")
+
+    argv = session_argv(target, None, 10)
+
+    assert not any(word.startswith("ControlPath") for word in argv)
+    assert argv[-6:] == ["-T", "-o", "ControlMaster=no", "--", "web-1", "exec sh -s"]
+
+
+def test_ssh_dash_g_reads_the_targets_own_options_and_finds_the_users_control_path() -> None:
+    target = parse_ssh_target("ssh://ops@web-2:2222")
+    target = SshTarget(**{**target.__dict__, "ssh_options": ("ProxyJump=bastion",)})
+
+    assert config_argv(target) == [
+        "ssh", "-G", "-T", "-o", "ProxyJump=bastion", "-p", "2222", "-l", "ops", "--", "web-2",
+    ]  # fmt: skip
+    shown = (
+        "user ops\nhostname web-2\ncontrolmaster auto\ncontrolpath /home/o/.ssh/cm-ops@web-2:2222\n"
+    )
+    assert configured_control_path(shown) == "/home/o/.ssh/cm-ops@web-2:2222"
+    assert configured_control_path("controlmaster false\ncontrolpath none\n") is None
+    assert configured_control_path("user ops\n") is None
+
+
 def test_remote_script_byte_for_byte() -> None:
     target = parse_ssh_target("ssh://web-1?filter=udp%27%3Bid%27&snaplen=200&count=3&sudo=1")
 
@@ -198,4 +225,25 @@ def test_failures_say_what_happened_and_what_to_do() -> None:
     assert "not installed" in session_failure("sh: 1: tcpdump: not found\n", 127)
     assert session_failure("tcpdump: can't parse filter expression: syntax error\n", 1) == (
         "can't parse filter expression: syntax error"
+    )
+
+
+def test_a_connection_lost_mid_capture_is_told_in_ssh_words_not_tcpdumps() -> None:
+    started = (
+        "ddump-clock 1700000000123456789\n"
+        "tcpdump: data link type LINUX_SLL2\n"
+        "tcpdump: listening on any, link-type LINUX_SLL2 (Linux cooked v2), snapshot length "
+        "262000 bytes\n"
+    )
+
+    assert connection_lost("web-1", started, 255) == (
+        "the SSH connection to web-1 was lost (ssh exited with status 255)"
+    )
+    assert (
+        connection_lost("web-1", started + "Connection to web-1 closed by remote host.\n", 255)
+        == "the SSH connection to web-1 was lost: Connection to web-1 closed by remote host."
+    )
+    assert (
+        connection_lost("web-1", started + "Timeout, server web-1 not responding.\n", 255)
+        == "the SSH connection to web-1 was lost: Timeout, server web-1 not responding."
     )

@@ -1,13 +1,10 @@
 """One `ssh://` target's capture: the system ssh client runs tcpdump remotely, stdout is the pcap.
 
-Targets on one host share one SSH connection (an `ssh -N` ControlMaster on a control socket in
-a private directory ddump creates and removes), at most SESSIONS_PER_CONNECTION sessions each,
-sshd's default MaxSessions: 20 targets on one host open 2 connections, not 20, so sshd's
-MaxStartups (10 unauthenticated connections by default, then random refusals) is never near.
-The connection is made once, authenticated once, and each capture is a session on it. A
-target alone on its host needs no sharing: its capture is the connection's first session,
+Targets on one host share a connection (ssh_connections.py): each capture is a session on it.
+A target alone on its host needs no sharing: its capture is the connection's first session,
 without the separate master and the wait for its socket (16 hosts: first byte 1.98 s against
-2.39 s in the median, BENCHMARKS.md part 5).
+2.39 s in the median, BENCHMARKS.md part 5); ssh itself uses the user's running master, if
+any, for it.
 
 Every ssh process runs in a session of its own (a Ctrl-C at the terminal reaches ddump only,
 which then stops each capture cleanly, counts included) and is killed if ddump dies.
@@ -17,187 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
+from ddump.cli.ssh_connections import (
+    CONNECTIONS,
+    STDERR_KEEP,
+    STOP_GRACE_S,
+    Connection,
+    SshConnections,
+    spawn,
+)
+from ddump.cli.ssh_connections import shares_connection as shares_connection  # for the session
 from ddump.pcapng import CaptureCounts
 from ddump.ssh_command import (
     connection_failure,
+    connection_lost,
     interfaces_of,
-    master_argv,
     read_clock,
     remote_script,
     session_argv,
     session_failure,
 )
 from ddump.ssh_targets import SshTarget
-from ddump.worker.spawn import child_setup
 from ddump.worker.tcpdump import LISTENING_MARK, parse_stats
 
-SESSIONS_PER_CONNECTION = 10  # sshd's default MaxSessions
 READ_SIZE = 256 * 1024
-STDERR_KEEP = 64 * 1024
-STOP_GRACE_S = 2.0  # for the remote tcpdump to stop and print its counts, then ssh is killed
 # From the session's start to tcpdump's "listening on": sudo, the shell and tcpdump (a worker
 # gets the same grace for its answer, ddump/cli/stream.py).
 LISTEN_GRACE_S = 10.0
-_SOCKET_POLL_S = 0.01
 _SSH_FAILED = 255  # ssh's own exit status: the connection failed, not the remote command
-_NO_CONTROL = "none"  # ControlPath for a connection of its own: no socket, none of the user's
-
-
-def connection_key(target: SshTarget) -> tuple[object, ...]:
-    """Targets with the same key may share one connection."""
-    return (target.user, target.host, target.port, target.ssh_options)
-
-
-def shares_connection(target: SshTarget, targets: Iterable[object]) -> bool:
-    """Whether another of `targets` goes to the same destination as `target`."""
-    key = connection_key(target)
-    same = sum(1 for t in targets if isinstance(t, SshTarget) and connection_key(t) == key)
-    return same > 1
-
-
-async def _spawn(argv: list[str], *, stdin: int) -> asyncio.subprocess.Process:
-    try:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=stdin,
-            stdout=subprocess.PIPE if stdin == subprocess.PIPE else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # not the terminal's Ctrl-C: ddump stops it, in order
-            preexec_fn=child_setup(None),  # killed if ddump dies
-        )
-    except FileNotFoundError:
-        raise StreamFailure(
-            "the ssh client is not installed (Debian: apt install openssh-client)"
-        ) from None
-
-
-async def _read_all(stream: asyncio.StreamReader | None) -> str:
-    if stream is None:
-        return ""
-    data = await stream.read(STDERR_KEEP)
-    return data.decode("utf-8", "replace")
-
-
-@dataclass(eq=False)
-class _Connection:
-    """One shared SSH connection and how many captures use it."""
-
-    key: tuple[object, ...]
-    control_path: str
-    users: int = 0
-    process: asyncio.subprocess.Process | None = None
-    ready: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    failed: bool = False
-    starting: asyncio.Task[None] | None = None  # referenced while it runs
-
-    async def start(self, target: SshTarget, timeout_s: float) -> None:
-        try:
-            self.process = await _spawn(
-                master_argv(target, self.control_path, timeout_s), stdin=subprocess.DEVNULL
-            )
-            await self._wait_for_socket(target, timeout_s)
-        except StreamFailure as failure:
-            self.failed = True
-            self.ready.set_exception(failure)
-            self.ready.exception()  # retrieved: nobody may be waiting any more
-        else:
-            self.ready.set_result(None)
-
-    async def _wait_for_socket(self, target: SshTarget, timeout_s: float) -> None:
-        assert self.process is not None
-        # ssh binds the control socket once the connection is authenticated.
-        deadline = time.monotonic() + timeout_s + 5  # ssh's own ConnectTimeout comes first
-        while not os.path.exists(self.control_path):
-            if self.process.returncode is not None or time.monotonic() > deadline:
-                if self.process.returncode is None:
-                    self.stop()
-                status = await self.process.wait()
-                stderr = await _read_all(self.process.stderr)
-                raise StreamFailure(connection_failure(target.host, stderr, status))
-            await asyncio.sleep(_SOCKET_POLL_S)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-
-    async def stopped(self) -> None:
-        """Stop the connection and wait for ssh to exit (killed after STOP_GRACE_S)."""
-        self.stop()
-        if self.process is None:
-            return
-        try:
-            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-
-
-class SshConnections:
-    """The shared connections, by destination (user, host, port and ssh options)."""
-
-    def __init__(self) -> None:
-        self._directory: str | None = None
-        self._by_key: dict[tuple[object, ...], list[_Connection]] = {}
-        self._made = 0
-
-    async def acquire(self, target: SshTarget, timeout_s: float) -> _Connection:
-        """A connection with room for one more session (made if needed), once it is up."""
-        key = connection_key(target)
-        pool = self._by_key.setdefault(key, [])
-        connection = next(
-            (c for c in pool if c.users < SESSIONS_PER_CONNECTION and not c.failed), None
-        )
-        if connection is None:
-            if self._directory is None:
-                self._directory = tempfile.mkdtemp(prefix="ddump-ssh-")
-            self._made += 1
-            connection = _Connection(key, os.path.join(self._directory, str(self._made)))
-            pool.append(connection)
-            connection.starting = asyncio.get_running_loop().create_task(
-                connection.start(target, timeout_s), name=f"ssh connection to {target.host}"
-            )
-        connection.users += 1
-        try:
-            await asyncio.shield(connection.ready)
-        except BaseException:
-            await self.release(connection)
-            raise
-        return connection
-
-    async def release(self, connection: _Connection) -> None:
-        """One session less; the last one closes the connection (and waits for it)."""
-        connection.users -= 1
-        if connection.users > 0:
-            return
-        pool = self._by_key.get(connection.key, [])
-        if connection in pool:
-            pool.remove(connection)
-        if not pool:
-            self._by_key.pop(connection.key, None)
-        if not self._by_key and self._directory is not None:
-            # ssh removes its socket as it exits; the directory is ddump's to remove.
-            directory, self._directory = self._directory, None
-        else:
-            directory = None
-        await connection.stopped()
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-CONNECTIONS = SshConnections()
 
 
 class SshStream:
@@ -233,8 +81,10 @@ class SshStream:
         if not self.shared:
             if self._closing:
                 return
+            # No `ssh -G` needed: ssh itself uses the user's master if one listens at their
+            # ControlPath, else connects (and, with ControlMaster=no, is nobody's master).
             try:
-                await self._capture(_NO_CONTROL, on_opened, on_data)
+                await self._capture(None, on_opened, on_data)
             finally:
                 await self._reap()
             return
@@ -255,7 +105,7 @@ class SshStream:
                 self._process.kill()
             await self._process.wait()
 
-    async def _connect(self) -> _Connection | None:
+    async def _connect(self) -> Connection | None:
         acquire = asyncio.ensure_future(
             self.connections.acquire(self.target, self.connect_timeout_s)
         )
@@ -274,11 +124,11 @@ class SshStream:
         return connection
 
     async def _capture(
-        self, control_path: str, on_opened: OpenedCallback, on_data: DataCallback
+        self, control_path: str | None, on_opened: OpenedCallback, on_data: DataCallback
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()
-        process = self._process = await _spawn(
+        process = self._process = await spawn(
             session_argv(target, control_path, self.connect_timeout_s),
             stdin=subprocess.PIPE,
         )
@@ -405,6 +255,8 @@ class SshStream:
 
     def _failure(self, status: int | None) -> str:
         if status == _SSH_FAILED or status is None:
+            if self._listening.is_set():
+                return connection_lost(self.target.host, self._stderr, status)
             return connection_failure(self.target.host, self._stderr, status)
         return session_failure(self._stderr, status)
 
