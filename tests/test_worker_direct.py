@@ -68,25 +68,25 @@ def test_tcpdump_writes_the_body_itself_and_the_worker_says_it_ended_cleanly(fak
     assert stats["ended"] == "clean" and stats["captured"] == 3
 
 
-def test_the_head_goes_out_before_tcpdump_listens(fake: Fake) -> None:
-    # The fake never says it listens: a relayed capture would answer nothing until the start
-    # timeout; a direct one has its head at once and the refusal in the end it records.
+@pytest.mark.parametrize(
+    ("filter_", "status", "said"),
+    [
+        # The fake never says it listens: a relayed capture would answer nothing until the
+        # start timeout; a direct one has its head at once and the refusal in its end.
+        ("fake-silent", 503, "did not start listening"),
+        ("fake-syntax-error", 400, "syntax error"),  # tcpdump's own words
+    ],
+)
+def test_a_refused_start_is_an_empty_body_and_an_end_with_the_status_and_message(
+    fake: Fake, filter_: str, status: int, said: str
+) -> None:
     with ThreadWorker(fake.path, start_timeout_ns=10**9) as worker:
-        response = direct_get(worker, "filter=fake-silent")
+        response = direct_get(worker, f"filter={filter_}")
         assert response.status == 200 and response.getheader("X-Ddump-Capture")
         assert response.read() == b""
         stats = ended(worker, response)
-    assert stats["ended"] == "refused" and stats["status"] == 503
-    assert "did not start listening" in stats["error"]
-
-
-def test_a_bad_filter_ends_an_empty_body_and_the_end_names_tcpdumps_message(fake: Fake) -> None:
-    with ThreadWorker(fake.path) as worker:
-        response = direct_get(worker, "filter=fake-syntax-error")
-        assert response.status == 200 and response.read() == b""
-        stats = ended(worker, response)
-    assert stats["ended"] == "refused" and stats["status"] == 400
-    assert "syntax error" in stats["error"]
+    assert stats["ended"] == "refused" and stats["status"] == status
+    assert said in stats["error"]
 
 
 def test_tcpdump_dying_mid_stream_is_a_failed_end_not_a_clean_one(fake: Fake) -> None:
@@ -171,14 +171,17 @@ class DirectServer:
                 if request.startswith(b"GET /capture/stats"):
                     self.stats_asked += 1
                     client.sendall(self._stats_answer())
-                    continue
-                head = (
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\n"
-                    "X-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\nConnection: close\r\n\r\n"
-                )
-                packet = sll2_packet(b"\x45" + b"\x00" * 19)
-                client.sendall(head.encode() + pcap_stream([(10**18, packet)]))
-                threading.Event().wait(0.4)  # past the --duration the CLI asked for
+                else:
+                    self.answer_capture(client)
+
+    def answer_capture(self, client: socket.socket) -> None:
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\n"
+            "X-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\nConnection: close\r\n\r\n"
+        )
+        packet = sll2_packet(b"\x45" + b"\x00" * 19)
+        client.sendall(head.encode() + pcap_stream([(10**18, packet)]))
+        threading.Event().wait(0.4)  # past the duration the CLI asked for
 
     def _stats_answer(self) -> bytes:
         if self.stats is None:
@@ -245,20 +248,11 @@ def test_a_refused_direct_capture_reads_as_the_http_error_it_would_have_been() -
     stats = b'{"ended": "refused", "status": 400, "error": "tcpdump rejected the filter: x"}'
 
     class Refusing(DirectServer):
-        def _serve(self) -> None:  # the head, then the close: tcpdump never wrote a byte
-            while True:
-                try:
-                    client, _ = self.listener.accept()
-                except OSError:
-                    return
-                with client:
-                    request = client.recv(65536)
-                    if request.startswith(b"GET /capture/stats"):
-                        client.sendall(self._stats_answer())
-                        continue
-                    client.sendall(
-                        b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
-                    )
+        def answer_capture(self, client: socket.socket) -> None:
+            # The head, then the close: tcpdump never wrote a byte.
+            client.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
+            )
 
     server = Refusing(stats)
     try:
@@ -274,17 +268,12 @@ def test_a_refused_direct_capture_reads_as_the_http_error_it_would_have_been() -
 
 def test_a_direct_capture_stopped_before_tcpdump_started_says_so() -> None:
     class Starting(DirectServer):
-        def _serve(self) -> None:  # the head, then nothing: tcpdump is still starting
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with client:
-                client.recv(65536)
-                client.sendall(
-                    b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
-                )
-                client.recv(1)  # until the CLI leaves
+        def answer_capture(self, client: socket.socket) -> None:
+            # The head, then nothing: tcpdump is still starting.
+            client.sendall(
+                b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n\r\n"
+            )
+            client.recv(1)  # until the CLI leaves
 
     server = Starting(None)
     try:
