@@ -271,10 +271,11 @@ class Merger:
         # Each live timed stream: max(newest_ns - 1, now - max delay - delay + clock offset).
         return min(mark, self._marks.least(now_ns - max_delay_ns))
 
-    def wait_ns(self, now_ns: int, max_delay_ns: int) -> int | None:
+    def wait_ns(self, now_ns: int, max_delay_ns: int, watermark: int | None = None) -> int | None:
         """How long until the oldest buffered record may be released, if the passing of time
         alone can bring that: at least this long (0: now); None if nothing is buffered or a
-        stream must send more first (an untimed one, or one not started)."""
+        stream must send more first (an untimed one, or one not started). `watermark`: the
+        one the caller just took at `now_ns` (with nothing pushed since), not taken again."""
         heads, head = self._heads, self._head
         while heads and head[heads[0][1]] != heads[0][0]:
             heapq.heappop(heads)  # stale
@@ -284,7 +285,7 @@ class Merger:
         least = self._untimed.least()
         if least is not None and least - 1 < oldest:
             return None
-        mark = self.watermark(now_ns, max_delay_ns)
+        mark = self.watermark(now_ns, max_delay_ns) if watermark is None else watermark
         limiter = self._marks.limiter
         if mark >= oldest or limiter is None:
             return 0

@@ -217,7 +217,8 @@ class Intake(SessionParts):
         self._choose_linktype()
         if self.merger.buffered + self.staged > self.hold_cap:
             self._stop_waiting_for_silent_streams()
-        mark = self.merger.watermark(time.time_ns(), self.settings.max_delay_ns)
+        now_ns = time.time_ns()
+        mark = watermark = self.merger.watermark(now_ns, self.settings.max_delay_ns)
         if self.merger.buffered > self.hold_cap and mark < self.merger.pulled_mark():
             # A quiet stream without a clock (stdin, a FIFO) holds the others back for as long
             # as it is quiet: past the bound, the oldest half goes out anyway; what that stream
@@ -248,13 +249,17 @@ class Intake(SessionParts):
         except DdumpError as exc:
             self._output_failed(exc)
         if self.merger.buffered or self.staged:  # to be released as time goes on
-            wait_s = self._release_wait_s()
+            wait_s = self._release_wait_s(now_ns, watermark)
             self._tick_by(TICK_S if wait_s is None else wait_s)
 
-    def _release_wait_s(self) -> float | None:
+    def _release_wait_s(
+        self, now_ns: int | None = None, watermark: int | None = None
+    ) -> float | None:
         """Seconds until the clock alone lets the oldest held record out (None: not the clock's
-        to settle: a stream must send more)."""
-        wait_ns = self.merger.wait_ns(time.time_ns(), self.settings.max_delay_ns)
+        to settle: a stream must send more). `watermark`: the one just taken at `now_ns`."""
+        if now_ns is None:
+            now_ns = time.time_ns()
+        wait_ns = self.merger.wait_ns(now_ns, self.settings.max_delay_ns, watermark)
         return None if wait_ns is None else wait_ns / 1e9
 
     def _write(self, records: Records) -> None:

@@ -27,7 +27,6 @@ class Pacer:
     def __init__(self, period_s: float = PACE_S) -> None:
         self.period_s = period_s
         self._waiting: asyncio.Future[None] | None = None
-        self.turns = 0  # turns taken so far, for the curious
 
     def busy(self, records: int, since_last_read_s: float) -> bool:
         """Whether a stream whose read just gave `records` should wait for the next turn."""
@@ -43,6 +42,5 @@ class Pacer:
 
     def _turn(self) -> None:
         waiting, self._waiting = self._waiting, None
-        self.turns += 1
         if waiting is not None and not waiting.done():
             waiting.set_result(None)

@@ -75,6 +75,7 @@ class Run:
     capturing_since: float = 0.0  # loop time of the current capture's 200
     stalled_captures: set[str] = field(default_factory=set)  # capture ids whose connection stalled
     last_read: float = 0.0  # monotonic time its last chunk came (see pacer.py)
+    final_stats: dict[str, dict[str, object]] = field(default_factory=dict)  # by capture id
 
 
 class SessionParts:
