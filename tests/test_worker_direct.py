@@ -224,6 +224,15 @@ def test_the_cli_takes_a_direct_stream_that_the_worker_says_ended_cleanly() -> N
     assert "1 packets written" in out.stderr or "1 packet written" in out.stderr
 
 
+def test_the_counts_told_at_a_direct_streams_end_are_not_asked_for_again() -> None:
+    stats = b'{"running": false, "ended": "clean", "received": 7, "dropped_by_kernel": 0}'
+    with direct_server(stats) as server:
+        out = run_cli(server.port)
+    assert out.returncode == 0, out.stderr
+    assert server.stats_asked == 1  # once, when the stream ended; not again for the summary
+    assert "0 dropped by the kernel" in out.stderr
+
+
 @pytest.mark.parametrize(
     ("stats", "said"),
     [

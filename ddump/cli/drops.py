@@ -27,14 +27,19 @@ class DropCounts(SessionParts):
         ]
         if not asks:
             return
-        self.reporter.status(f"asking the workers for tcpdump's counts ({len(asks)} captures)")
+        unknown = sum(id_ not in run.final_stats for run, _, id_ in asks)
+        if unknown:
+            self.reporter.status(f"asking the workers for tcpdump's counts ({unknown} captures)")
         room = asyncio.Semaphore(STATS_CONCURRENCY)
 
-        async def ask(target: Target, capture_id: str) -> CaptureCounts:
+        async def ask(run: Run, target: Target, capture_id: str) -> CaptureCounts:
+            final = run.final_stats.get(capture_id)  # told when its direct stream ended
+            if final is not None:
+                return _counts(final)
             async with room:
                 return await self._tcpdump_counts(target, capture_id)
 
-        tasks = [asyncio.ensure_future(ask(target, id_)) for _, target, id_ in asks]
+        tasks = [asyncio.ensure_future(ask(*one)) for one in asks]
         _, late = await asyncio.wait(tasks, timeout=STATS_TIMEOUT_S)
         for task in late:
             task.cancel()
@@ -62,9 +67,15 @@ class DropCounts(SessionParts):
         answer = await fetch_stats(
             stats_target(target, capture_id), self._tls_context(target), timeout
         )
-        return CaptureCounts(
-            received=_count(answer, "received"), dropped=_count(answer, "dropped_by_kernel")
-        )
+        return _counts(answer)
+
+    def _take_final_stats(self, run: Run) -> None:
+        """A direct stream's end came with tcpdump's exit counts (see stream.py)."""
+        from ddump.cli.stream import CaptureStream
+
+        if isinstance(run.stream, CaptureStream) and run.stream.final_stats is not None:
+            capture_id, answer = run.stream.final_stats
+            run.final_stats[capture_id] = answer
 
     def _warn_of_drops(self) -> None:
         lost = [r.counts for r in self.runs if r.counts.dropped_while_stalled]
@@ -103,6 +114,12 @@ class DropCounts(SessionParts):
                 _add(known.received, answer.received), _add(known.dropped, answer.dropped)
             )
             run.counts.dropped = run.tcpdump.dropped
+
+
+def _counts(answer: dict[str, object]) -> CaptureCounts:
+    return CaptureCounts(
+        received=_count(answer, "received"), dropped=_count(answer, "dropped_by_kernel")
+    )
 
 
 def _count(answer: dict[str, object], key: str) -> int | None:

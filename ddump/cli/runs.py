@@ -126,7 +126,9 @@ class SessionParts:
     def _stop_waiting_for_silent_streams(self) -> None:
         raise NotImplementedError
 
-    def _release_wait_s(self) -> float | None:
+    def _release_wait_s(
+        self, now_ns: int | None = None, watermark: int | None = None
+    ) -> float | None:
         raise NotImplementedError
 
     def _end_of_body(self, run: Run) -> None:

@@ -237,6 +237,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
                     )
                 finally:
                     self._take_ssh_counts(run)
+                    self._take_final_stats(run)
                 if run.refused:
                     raise StreamFailure(run.refused)
                 if self.stopping:

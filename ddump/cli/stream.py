@@ -94,6 +94,8 @@ class CaptureStream:
         self._connecting: asyncio.Future[iostream.IOStream] | None = None
         self._closing = False
         self.answered = False  # a 200 head came (before tcpdump started, if direct)
+        # (capture id, the worker's answer) on how a direct capture ended: its final counts
+        self.final_stats: tuple[str, dict[str, object]] | None = None
         self.quick_retry = False  # connect_timeout_s was shortened: see retry_quickly()
 
     def retry_quickly(self, timeout_s: float) -> None:
@@ -309,6 +311,8 @@ class CaptureStream:
                 "connection lost mid-stream (the worker did not say how the capture ended: "
                 f"{exc or 'no answer in time'})"
             ) from None
+        if answer.get("running") is False:  # tcpdump's exit counts: not to be asked again
+            self.final_stats = (capture_id, answer)
         how, error = answer.get("ended"), str(answer.get("error") or "no message")
         if how == "clean":
             return
