@@ -71,10 +71,11 @@ class DropCounts(SessionParts):
 
     def _take_final_stats(self, run: Run) -> None:
         """A direct stream's end came with tcpdump's exit counts (see stream.py)."""
-        from ddump.cli.stream import CaptureStream
-
-        if isinstance(run.stream, CaptureStream) and run.stream.final_stats is not None:
-            capture_id, answer = run.stream.final_stats
+        # Not isinstance(CaptureStream): importing stream.py loads Tornado, which merging
+        # files does without.
+        told = getattr(run.stream, "final_stats", None) if isinstance(run.target, Target) else None
+        if told is not None:
+            capture_id, answer = told
             run.final_stats[capture_id] = answer
 
     def _warn_of_drops(self) -> None:
