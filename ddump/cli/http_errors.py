@@ -5,8 +5,6 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from tornado import iostream
-
 from ddump.protocol import BATCH_PARAM
 
 
@@ -63,8 +61,6 @@ def _html_title(text: str) -> str:
 
 
 def connect_error(exc: OSError) -> str:
-    if isinstance(exc, iostream.StreamClosedError) and isinstance(exc.real_error, OSError):
-        exc = exc.real_error
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is ddump-worker running and listening on that port?)"
     name = type(exc).__name__
@@ -84,8 +80,9 @@ def ssl_reason(exc: ssl.SSLError) -> str:
     return reason
 
 
-def closed_reason(exc: iostream.StreamClosedError, response: Response, tls: bool) -> str:
-    real = exc.real_error
+def closed_reason(real: BaseException | None, response: Response, tls: bool) -> str:
+    """Why the connection closed, said by how far the response had come (`real`: the
+    system's error, None when the peer closed it)."""
     if isinstance(real, ssl.SSLError):
         return f"TLS failure: {ssl_reason(real)}"
     if response.code == 0:

@@ -1,12 +1,12 @@
-"""One target's capture stream: an HTTP(S) GET whose chunked body is a live pcap.
+"""One target's capture stream: an HTTP(S) GET whose body is a live pcap.
 
 Tornado's HTTP client is built for finite bodies: a 100 MB body limit even when streaming, a
 20 s request timeout, queueing after `max_clients`, no way to cancel an idle request, and (since
 Tornado 6.5) chunks coalesced up to `chunk_size` before they are delivered, which would hold a
 quiet stream's packets indefinitely. A live capture needs the opposite, so this module speaks
-the little HTTP/1.1 it needs over a Tornado IOStream: every chunk is handed on as soon as it
-arrives, the next read waits until the consumer is ready (backpressure), and `close()` works at
-any moment, which makes the worker stop its tcpdump.
+the little HTTP/1.1 it needs on an asyncio connection (ddump/cli/http_conn.py): every read is
+handed on as soon as it arrives, the next read waits until the consumer is ready
+(backpressure), and `close()` works at any moment, which makes the worker stop its tcpdump.
 
 The request offers to take a body tcpdump writes itself (X-Ddump-Body: direct, see
 ddump/worker/direct.py): the worker then relays nothing, the body ends when the connection
@@ -29,17 +29,21 @@ from dataclasses import replace
 from http.client import responses
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from tornado import httputil, iostream
-from tornado.tcpclient import TCPClient
-
 from ddump import __version__
-from ddump.cli.http_body import READ_SIZE, read_body
+from ddump.cli.http_conn import HttpConnection, open_connection
 from ddump.cli.http_errors import (
     Response,
     closed_reason,
     connect_error,
     http_error,
     ssl_reason,
+)
+from ddump.cli.http_wire import (
+    ConnectionClosed,
+    Head,
+    HeadTooLarge,
+    body_framing,
+    parse_head,
 )
 from ddump.cli.sources import (
     DataCallback,
@@ -90,8 +94,8 @@ class CaptureStream:
         self.target = target
         self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
-        self._stream: iostream.IOStream | None = None
-        self._connecting: asyncio.Future[iostream.IOStream] | None = None
+        self._conn: HttpConnection | None = None
+        self._connecting: asyncio.Future[HttpConnection] | None = None
         self._closing = False
         self.answered = False  # a 200 head came (before tcpdump started, if direct)
         # (capture id, the worker's answer) on how a direct capture ended: its final counts
@@ -112,31 +116,35 @@ class CaptureStream:
         tls = parts.scheme == "https"
         # RFC 6874: an IPv6 zone id's "%" is written "%25" in the URL (fe80::1%25eth0).
         host = unquote(parts.hostname or "")
-        stream = await self._connect(host, parts.port or 0, tls)
-        if stream is None:
+        conn = await self._connect(host, parts.port or 0, tls)
+        if conn is None:
             return
         response = Response()
         try:
             sent_ns = time.time_ns()
-            await stream.write(self._request(_host_header(parts.netloc)))
-            await self._read_response(stream, response, sent_ns, on_opened, on_data)
-        except iostream.StreamClosedError as exc:
+            await conn.send(self._request(_host_header(parts.netloc)))
+            await self._read_response(conn, response, sent_ns, on_opened, on_data)
+        except ConnectionClosed as exc:
             if self._closing:
                 return
-            if isinstance(exc.real_error, OSError) and exc.real_error.errno == errno.ETIMEDOUT:
+            if isinstance(exc.error, OSError) and exc.error.errno == errno.ETIMEDOUT:
                 raise StreamStalled(
                     f"connection stalled: nothing came back from the worker's host for "
                     f"{STALL_TIMEOUT_S} s (host down, or the network to it cut)",
                     STALL_TIMEOUT_S * 10**9,
                 ) from None
-            raise StreamFailure(closed_reason(exc, response, tls)) from None
+            raise StreamFailure(closed_reason(exc.error, response, tls)) from None
         except TimeoutError:
             raise StreamFailure(
                 f"no response within {self.connect_timeout_s + HEADER_GRACE_S:g} s"
                 + (" (is the target https?)" if not tls else "")
             ) from None
+        except HeadTooLarge:
+            raise StreamFailure(
+                f"the response head is larger than {MAX_HEADER_BYTES // 1024} KiB"
+            ) from None
         finally:
-            stream.close()
+            conn.close()
         if response.code not in (0, 200):
             raise StreamFailure(http_error(response))
         if self._closing:
@@ -145,28 +153,25 @@ class CaptureStream:
     @property
     def connected(self) -> bool:
         """Whether the TCP (and TLS) connection was made."""
-        return self._stream is not None
+        return self._conn is not None
 
     def close(self) -> None:
         """Stop streaming now (the worker sees the connection close and stops tcpdump)."""
         self._closing = True
         if self._connecting is not None:
             self._connecting.cancel()
-        if self._stream is not None:
-            self._stream.close()
+        if self._conn is not None:
+            self._conn.close()
 
-    async def _connect(self, host: str, port: int, tls: bool) -> iostream.IOStream | None:
-        self._connecting = asyncio.ensure_future(
-            TCPClient().connect(
-                host,
-                port,
-                ssl_options=self.ssl_context if tls else None,
-                timeout=self.connect_timeout_s,
-                max_buffer_size=4 * READ_SIZE + MAX_HEADER_BYTES,
+    async def _connect(self, host: str, port: int, tls: bool) -> HttpConnection | None:
+        connecting = self._connecting = asyncio.ensure_future(
+            asyncio.wait_for(
+                open_connection(host, port, self.ssl_context if tls else None, MAX_HEADER_BYTES),
+                self.connect_timeout_s,
             )
         )
         try:
-            stream = await self._connecting
+            conn = await connecting
         except asyncio.CancelledError:
             if self._closing:
                 return None
@@ -184,12 +189,11 @@ class CaptureStream:
         except OSError as exc:
             raise StreamFailure(connect_error(exc)) from None
         if self._closing:
-            stream.close()
+            conn.close()
             return None
-        stream.set_nodelay(True)
-        _detect_stalls(stream.socket)
-        self._stream = stream
-        return stream
+        _detect_stalls(conn.sock)
+        self._conn = conn
+        return conn
 
     def _request(self, host_header: str) -> bytes:
         lines = [
@@ -207,43 +211,32 @@ class CaptureStream:
 
     async def _read_response(
         self,
-        stream: iostream.IOStream,
+        conn: HttpConnection,
         response: Response,
         sent_ns: int,
         on_opened: OpenedCallback,
         on_data: DataCallback,
     ) -> None:
-        head = await asyncio.wait_for(
-            stream.read_until_regex(b"\r?\n\r?\n", max_bytes=MAX_HEADER_BYTES),
-            self.connect_timeout_s + HEADER_GRACE_S,
-        )
+        raw = await asyncio.wait_for(conn.head(), self.connect_timeout_s + HEADER_GRACE_S)
         received_ns = time.time_ns()
-        first, _, rest = head.decode("latin-1").partition("\n")
-        try:
-            start = httputil.parse_response_start_line(first.strip())
-        except httputil.HTTPInputError:
-            raise StreamFailure(f"not an HTTP response: {first.strip()[:80]!r}") from None
-        try:
-            headers = httputil.HTTPHeaders.parse(rest)
-        except httputil.HTTPInputError as exc:
-            raise StreamFailure(f"malformed response header: {exc}") from None
-        response.code, response.reason = start.code, start.reason
+        head = parse_head(raw)
+        response.code, response.reason = head.code, head.reason
         if response.code == 200:
             self.answered = True
-            clock = headers.get(CLOCK_HEADER, "")
+            clock = head.get(CLOCK_HEADER)
             worker_ns = int(clock) if clock.isascii() and clock.isdigit() else None
             opened = Opened(
                 None if worker_ns is None else worker_ns - received_ns,
                 worker_ns,
-                parse_interfaces_header(headers.get(INTERFACES_HEADER, "")),
+                parse_interfaces_header(head.get(INTERFACES_HEADER)),
                 received_ns - sent_ns,
-                _capture_id(headers.get(CAPTURE_HEADER, "")),
+                _capture_id(head.get(CAPTURE_HEADER)),
             )
-            if headers.get(BODY_HEADER, "").strip().lower() == BODY_DIRECT:
-                await self._read_direct(stream, headers, opened, on_opened, on_data)
+            if head.get(BODY_HEADER).strip().lower() == BODY_DIRECT:
+                await self._read_direct(conn, head, opened, on_opened, on_data)
             else:
                 on_opened(opened)
-                await read_body(stream, headers, on_data)
+                await conn.body(body_framing(head), on_data)
         else:
 
             def keep(chunk: bytes) -> None:
@@ -251,15 +244,13 @@ class CaptureStream:
                 if len(response.error_body) >= ERROR_BODY_LIMIT:
                     raise _EnoughOfIt
 
-            with contextlib.suppress(
-                _EnoughOfIt, TimeoutError, iostream.StreamClosedError, StreamFailure
-            ):
-                await asyncio.wait_for(read_body(stream, headers, keep), ERROR_BODY_WAIT_S)
+            with contextlib.suppress(_EnoughOfIt, TimeoutError, ConnectionClosed, StreamFailure):
+                await asyncio.wait_for(conn.body(body_framing(head), keep), ERROR_BODY_WAIT_S)
 
     async def _read_direct(
         self,
-        stream: iostream.IOStream,
-        headers: httputil.HTTPHeaders,
+        conn: HttpConnection,
+        head: Head,
         opened: Opened,
         on_opened: OpenedCallback,
         on_data: DataCallback,
@@ -285,17 +276,15 @@ class CaptureStream:
             nonlocal timed_out
             if not started:
                 timed_out = True
-                stream.close()
+                conn.close()
 
         late = asyncio.get_running_loop().call_later(grace, give_up)
         try:
-            await read_body(stream, headers, deliver, until_close_only=True)
-        except iostream.StreamClosedError:
-            if timed_out:
-                raise StreamFailure(f"the capture did not start within {grace:g} s") from None
-            raise
+            await conn.body(body_framing(head, until_close_only=True), deliver)
         finally:
             late.cancel()
+        if timed_out:
+            raise StreamFailure(f"the capture did not start within {grace:g} s")
         if not self._closing:
             await self._direct_end(opened.capture_id)
 
