@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
+from ddump.pcap import PcapStreamParser
 from tests.fake_worker import pcap_stream, sll2_packet
 from tests.test_worker_app import (
     PCAP_HEADER_LEN,
@@ -298,3 +300,48 @@ def test_a_direct_capture_stopped_before_tcpdump_started_says_so() -> None:
     assert "[failed: never started: the worker answered, but its tcpdump had not started" in (
         out.stderr
     )
+
+
+def test_a_target_whose_tcpdump_starts_late_does_not_hold_back_the_others() -> None:
+    """A direct head carries the worker's clock before tcpdump runs: nothing that target
+    captures can be older than the head, so the other targets' packets go out after
+    --max-delay, not after its start (or the start-up grace); its own come in order later."""
+    sent: dict[str, float] = {}
+
+    def starting_after(delay_s: float, name: str) -> type[DirectServer]:
+        class Late(DirectServer):
+            def answer_capture(self, client: socket.socket) -> None:
+                client.sendall(
+                    b"HTTP/1.1 200 OK\r\nX-Ddump-Capture: c1\r\nX-Ddump-Body: direct\r\n"
+                    + f"X-Ddump-Clock: {time.time_ns()}\r\n\r\n".encode()
+                )
+                threading.Event().wait(delay_s)  # tcpdump starting
+                sent[name] = time.monotonic()
+                packet = sll2_packet(b"\x45" + name.encode() * 19)
+                client.sendall(pcap_stream([(time.time_ns(), packet)]))
+                client.recv(1)  # until the CLI leaves
+
+        return Late
+
+    prompt, slow = starting_after(0.0, "a")(None), starting_after(2.5, "b")(None)
+    try:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "ddump.cli.main", "-w", "-", "--max-delay", "50ms",
+             "--duration", "3.5", f"http://127.0.0.1:{prompt.port}",
+             f"http://127.0.0.1:{slow.port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        )  # fmt: skip
+        assert cli.stdout is not None
+        first = cli.stdout.read(1)
+        first_at = time.monotonic()
+        rest, stderr = cli.communicate(timeout=30)
+    finally:
+        prompt.close()
+        slow.close()
+    assert cli.returncode == 0, stderr.decode()
+    assert first
+    assert first_at - sent["a"] < 0.6  # was 1 s and more: the start-up grace
+    assert first_at < sent["b"]
+    parser = PcapStreamParser()
+    payloads = [data[-19:] for _, data in parser.feed(first + rest)]
+    assert payloads == [b"a" * 19, b"b" * 19]

@@ -314,6 +314,9 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
 
     def _reopened(self, run: Run, opened: Opened) -> None:
         """A capture of the target runs (again): the gap before it, if any, ends now."""
+        if not opened.started:
+            self._answered(run, opened)
+            return
         failed, error = run.failed, run.counts.error
         self._on_opened(run, opened)
         run.capturing_since = asyncio.get_running_loop().time()
@@ -327,6 +330,17 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
             # It failed at first: it was not captured from the start until now.
             gaps.append(Gap(self._started_ns, now, error))
         run.answered = True
+
+    def _answered(self, run: Run, opened: Opened) -> None:
+        """The worker answered with its clock, and its tcpdump is yet to start: every packet
+        it captures is newer than the answer, so the others need not wait for its start (the
+        merge holds it like a quiet target, by the clock)."""
+        if opened.clock_offset_ns is None or run.opened is not None:
+            return
+        run.clock_offset_ns = opened.clock_offset_ns
+        run.clock_offset_high_ns = opened.clock_offset_ns + opened.clock_spread_ns
+        run.clock_known = True
+        self.merger.start_stream(run.index, run.clock_offset_ns)
 
     def _failed(self, run: Run, message: str, silent_ns: int = 0) -> None:
         if (

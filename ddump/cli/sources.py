@@ -35,6 +35,9 @@ class Opened:
     interfaces: Mapping[int, str] = field(default_factory=dict)  # the worker's ifindex -> name
     clock_spread_ns: int = 0
     capture_id: str | None = None  # names the capture for GET /capture/stats (newer workers)
+    # False: the worker answered before its tcpdump started (a direct body), which it has not
+    # yet; the same Opened follows with True once it has.
+    started: bool = True
 
 
 DataCallback = Callable[[bytes], Awaitable[None] | None]  # awaited: backpressure

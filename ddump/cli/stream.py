@@ -278,6 +278,8 @@ class CaptureStream:
                 timed_out = True
                 conn.close()
 
+        # Nothing it sends can be older than now: the merge need not wait for its start.
+        on_opened(replace(opened, started=False))
         late = asyncio.get_running_loop().call_later(grace, give_up)
         try:
             await conn.body(body_framing(head, until_close_only=True), deliver)
