@@ -71,8 +71,8 @@ class DropCounts(SessionParts):
 
     def _take_final_stats(self, run: Run) -> None:
         """A direct stream's end came with tcpdump's exit counts (see stream.py)."""
-        # Not isinstance(CaptureStream): importing stream.py loads Tornado, which merging
-        # files does without.
+        # Not isinstance(CaptureStream): importing stream.py loads the HTTP client, which
+        # merging files does without.
         told = getattr(run.stream, "final_stats", None) if isinstance(run.target, Target) else None
         if told is not None:
             capture_id, answer = told

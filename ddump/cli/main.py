@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ddump; returns the exit status (see ExitStatus and `ddump --help`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     hold_stderr_open()
-    logging.basicConfig(level=logging.CRITICAL)  # Tornado's own logs would only repeat ours
+    logging.basicConfig(level=logging.CRITICAL)  # asyncio's own logs would only repeat ours
     try:
         options = parse_args(args)
     except UsageError as exc:

@@ -371,7 +371,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
 
             shared = shares_connection(target, (r.target for r in self.runs))
             return SshStream(target, self.settings.connect_timeout_s, shared=shared)
-        # Here, not at the top: merging capture files needs neither Tornado nor the network.
+        # Here, not at the top: merging capture files needs no HTTP client.
         from ddump.cli.stream import CaptureStream
 
         return CaptureStream(target, self._tls_context(target), self.settings.connect_timeout_s)

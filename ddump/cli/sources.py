@@ -1,6 +1,6 @@
 """What every source of records (a worker's stream, a capture file) tells the session.
 
-Kept apart from the HTTP client so that merging files needs neither Tornado nor the network.
+Kept apart from the HTTP client so that merging files loads none of it.
 """
 
 from __future__ import annotations

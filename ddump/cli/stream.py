@@ -4,9 +4,10 @@ Tornado's HTTP client is built for finite bodies: a 100 MB body limit even when 
 20 s request timeout, queueing after `max_clients`, no way to cancel an idle request, and (since
 Tornado 6.5) chunks coalesced up to `chunk_size` before they are delivered, which would hold a
 quiet stream's packets indefinitely. A live capture needs the opposite, so this module speaks
-the little HTTP/1.1 it needs on an asyncio connection (ddump/cli/http_conn.py): every read is
-handed on as soon as it arrives, the next read waits until the consumer is ready
-(backpressure), and `close()` works at any moment, which makes the worker stop its tcpdump.
+the little HTTP/1.1 it needs on a socket read straight from the event loop
+(ddump/cli/http_conn.py, ddump/cli/http_wire.py): every read is handed on as soon as it
+arrives, the next read waits until the consumer is ready (backpressure), and `close()` works at
+any moment, which makes the worker stop its tcpdump.
 
 The request offers to take a body tcpdump writes itself (X-Ddump-Body: direct, see
 ddump/worker/direct.py): the worker then relays nothing, the body ends when the connection
