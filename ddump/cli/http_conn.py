@@ -115,7 +115,7 @@ class HttpConnection:
         self._held = b""  # body bytes read before the body was asked for
         self._eof: tuple[BaseException | None] | None = None  # (why) if it closed before then
         self._framing: Framing | None = None
-        self._deliver: Deliver | None = None
+        self.deliver: Deliver | None = None  # where the body goes (body() sets it)
         self._body: asyncio.Future[None] | None = None
         self._watching = False  # the socket's reader callback is on
         self._waiting = False  # for the consumer, which then reads on
@@ -140,7 +140,7 @@ class HttpConnection:
     async def body(self, framing: Framing, deliver: Deliver) -> None:
         """Hand the body on until `framing` says it ended. ConnectionClosed if the connection
         cuts it short; what `deliver`, or what it returned, raised."""
-        self._framing, self._deliver = framing, deliver
+        self._framing, self.deliver = framing, deliver
         self._body = self._loop.create_future()
         held, self._held = self._held, b""
         if framing.done:
@@ -233,7 +233,7 @@ class HttpConnection:
             self._unwatch()  # held until the body is asked for
 
     def _feed(self, data: bytes) -> None:
-        assert self._framing is not None and self._deliver is not None
+        assert self._framing is not None and self.deliver is not None
         if self._body is None or self._body.done():
             return
         failure: Exception | None = None
@@ -242,7 +242,7 @@ class HttpConnection:
         except ChunkedError as exc:  # the good bytes before the fault still count
             payload, failure = exc.payload, StreamFailure(str(exc))
         try:
-            pending = self._deliver(payload) if payload else None
+            pending = self.deliver(payload) if payload else None
         except Exception as exc:
             self._finish(exc)
             return

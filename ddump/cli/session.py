@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections.abc import Coroutine
@@ -233,7 +234,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
                 try:
                     await run.stream.run(
                         lambda opened: self._reopened(run, opened),
-                        lambda chunk: self._on_data(run, chunk),
+                        functools.partial(self._on_data, run),
                     )
                 finally:
                     self._take_ssh_counts(run)

@@ -265,9 +265,9 @@ class CaptureStream:
 
         def deliver(data: bytes) -> Awaitable[None] | None:
             nonlocal started
-            if not started:
-                started = True
-                on_opened(opened)
+            started = True
+            on_opened(opened)
+            conn.deliver = on_data  # from now on, no call of this per read
             return on_data(data)
 
         grace = self.connect_timeout_s + HEADER_GRACE_S
