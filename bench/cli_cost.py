@@ -69,7 +69,7 @@ def serve(port_file: str, streams: int, rate: int, seconds: float) -> None:
     print("flowing", flush=True)
     step = 1 / rate
     count = min(int(rate * seconds), 200_000)
-    next_at = time.monotonic()
+    began = next_at = time.monotonic()
     for _ in range(count):
         next_at += step
         delay = next_at - time.monotonic()
@@ -79,7 +79,7 @@ def serve(port_file: str, streams: int, rate: int, seconds: float) -> None:
             now = time.time_ns()
             header = struct.pack("<IIII", now // 10**9, now % 10**9, len(PACKET), len(PACKET))
             client.send(header + PACKET)
-    print(f"sent {count * len(captures)}", flush=True)
+    print(f"sent {count * len(captures)} {time.monotonic() - began}", flush=True)
     for client in captures:
         client.close()
     listener.settimeout(5)  # the CLI asks each stream's end
@@ -97,8 +97,8 @@ def stats_answer() -> bytes:
     return head.encode() + b"\r\n\r\n" + body
 
 
-def one_run(root: Path, streams: int, rate: int, seconds: float) -> tuple[float, float, int]:
-    """(CLI µs per packet, sender µs per packet, packets written)."""
+def one_run(root: Path, streams: int, rate: int, seconds: float) -> tuple[float, float, float]:
+    """(CLI µs per packet, sender µs per packet, packets/s the sender achieved per stream)."""
     port_file = Path(f"/tmp/ddump-cli-cost-{os.getpid()}")
     port_file.unlink(missing_ok=True)
     sender = subprocess.Popen(
@@ -123,7 +123,7 @@ def one_run(root: Path, streams: int, rate: int, seconds: float) -> tuple[float,
         cli_before, sender_before = on_cpu_ns(cli.pid), on_cpu_ns(sender.pid)
         sent_line = sender.stdout.readline().strip()
         cli_after, sender_after = on_cpu_ns(cli.pid), on_cpu_ns(sender.pid)
-        sent = int(sent_line.split()[1])
+        sent, took = int(sent_line.split()[1]), float(sent_line.split()[2])
         _, stderr = cli.communicate(timeout=60)
         sender.wait(30)
     finally:
@@ -134,11 +134,11 @@ def one_run(root: Path, streams: int, rate: int, seconds: float) -> tuple[float,
     )
     if written != sent:
         print(f"# {root}: {written} written of {sent} sent; stderr:\n{stderr}", file=sys.stderr)
-    flowing = sent * (1 - 0.2 * rate / (rate * seconds))  # the first 0.2 s is not counted
+    flowing = sent * (took - 0.2) / took  # the packets of the window measured
     return (
         (cli_after - cli_before) / 1000 / flowing,
         (sender_after - sender_before) / 1000 / flowing,
-        written,
+        sent / took / streams,
     )
 
 
@@ -154,8 +154,11 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="a copy of the revision to compare with")
     args = parser.parse_args()
     roots = [("after", REPO)] + ([("before", args.before)] if args.before else [])
-    print("| code | streams | pkt/s each | runs | CLI µs/pkt, median (min..max) | sender µs/pkt |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| code | streams | pkt/s each | achieved pkt/s each | runs | "
+        "CLI µs/pkt, median (min..max) | sender µs/pkt |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for streams in [int(s) for s in args.streams.split(",")]:
         results: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in roots}
         for _ in range(args.repeat):
@@ -164,8 +167,9 @@ def main() -> None:
         for name, _ in roots:
             cli = [r[0] for r in results[name]]
             sender = statistics.median(r[1] for r in results[name])
+            achieved = statistics.median(r[2] for r in results[name])
             print(
-                f"| {name} | {streams} | {args.rate:,} | {len(cli)} | "
+                f"| {name} | {streams} | {args.rate:,} | {achieved:,.0f} | {len(cli)} | "
                 f"{statistics.median(cli):.1f} ({min(cli):.1f}..{max(cli):.1f}) | {sender:.1f} |",
                 flush=True,
             )

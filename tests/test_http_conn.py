@@ -4,14 +4,19 @@ from the event loop with backpressure (ddump/cli/http_wire.py, ddump/cli/http_co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
 import struct
+import threading
+from pathlib import Path
 
 import pytest
 
-from ddump.cli.http_conn import READ_SIZE, HttpConnection
+from ddump.cli.http_conn import READ_SIZE, HttpConnection, open_connection
 from ddump.cli.http_wire import ConnectionClosed, body_framing, find_head_end, parse_head
 from ddump.cli.sources import StreamFailure
+from tests.certs import make_pki
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\n\r\n"
 
@@ -184,3 +189,83 @@ def test_closing_while_the_head_is_awaited_ends_the_wait() -> None:
         theirs.close()
 
     asyncio.run(main())
+
+
+def serve_once(server: socket.socket, answer: bytes, tls: ssl.SSLContext | None = None) -> None:
+    """In a thread: accept one connection, read the request, send `answer`, close."""
+
+    def run() -> None:
+        client, _ = server.accept()
+        if tls is not None:
+            client = tls.wrap_socket(client, server_side=True)
+        with client:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += client.recv(4096)
+            client.sendall(answer)
+            if isinstance(client, ssl.SSLSocket):
+                # close_notify, the body's clean end; the client closes without answering it
+                with contextlib.suppress(OSError):
+                    client.unwrap()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_a_tls_body_larger_than_a_read_comes_whole_to_a_slow_consumer(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(pki.server.cert, pki.server.key)
+    client_tls = ssl.create_default_context(cafile=str(pki.ca))
+    body = bytes(range(256)) * (5 * READ_SIZE // 256)  # many TLS records, several reads
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_once(listener, HEAD + body, server_tls)
+
+    async def main() -> list[bytes]:
+        port = listener.getsockname()[1]
+        conn = await open_connection("localhost", port, client_tls, 64 * 1024)
+        got: list[bytes] = []
+
+        def deliver(data: bytes) -> asyncio.Future[None]:
+            got.append(data)
+            ready = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.002, ready.set_result, None)
+            return ready
+
+        try:
+            await conn.send(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head = parse_head(await asyncio.wait_for(conn.head(), 10))
+            await asyncio.wait_for(conn.body(body_framing(head), deliver), 30)
+        finally:
+            conn.close()
+        return got
+
+    got = asyncio.run(main())
+    listener.close()
+    assert b"".join(got) == body
+
+
+def test_a_name_is_looked_up_and_every_address_tried(tmp_path: Path) -> None:
+    """localhost may be ::1 first; a server on 127.0.0.1 only is still reached."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    serve_once(listener, HEAD + b"hello")
+
+    async def main() -> bytes:
+        conn = await open_connection("localhost", listener.getsockname()[1], None, 64 * 1024)
+        got: list[bytes] = []
+        try:
+            await conn.send(b"GET / HTTP/1.1\r\n\r\n")
+            head = parse_head(await asyncio.wait_for(conn.head(), 10))
+            await asyncio.wait_for(conn.body(body_framing(head), got.append), 10)
+        finally:
+            conn.close()
+        return b"".join(got)
+
+    assert asyncio.run(main()) == b"hello"
+    listener.close()
+
+
+def test_no_one_listening_is_the_systems_refusal() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        asyncio.run(open_connection("127.0.0.1", port, None, 64 * 1024))
