@@ -2,7 +2,8 @@
 
 The fake behaves by words in its filter: `fake-idle` listens and writes no packet,
 `fake-flood` writes zeros as fast as it can, `fake-crash` dies after the header,
-`fake-syntax-error` / `fake-permission` fail as tcpdump does, `fake-silent` never listens;
+`fake-syntax-error` / `fake-permission` fail as tcpdump does, `fake-silent` never listens,
+`fake-busy-start` spins without listening, `fake-slow-start` listens after 1.5 s idle;
 otherwise it writes a 4-byte packet every 20 ms, up to `-c N`. It logs its argv and a SIGTERM
 into $FAKE_TCPDUMP_LOG/<pid>.argv|.term. `-d` (the worker's check that it can capture) succeeds
 unless $FAKE_TCPDUMP_NO_CAPTURE is set, and is not logged.
@@ -68,6 +69,8 @@ case "$last" in
     echo "tcpdump: any: You don't have permission to perform this capture on that device" >&2
     echo "(socket: Operation not permitted)" >&2; exit 1;;
   *fake-silent*) exec sleep 30;;
+  *fake-busy-start*) while :; do :; done;;
+  *fake-slow-start*) sleep 1.5;;
 esac
 if [ "${last#*fake-crash}" != "$last" ]; then
     echo "tcpdump: listening on any" >&2
@@ -328,13 +331,36 @@ def test_missing_tcpdump_is_503_naming_the_fix() -> None:
 
 
 def test_tcpdump_that_never_listens_gets_503_after_a_bounded_wait(fake: Fake) -> None:
+    # Idle, it is given START_WALL_FACTOR times the limit: it might be waiting for a CPU.
     with ThreadWorker(fake.path, start_timeout_ns=NS_PER_S // 2) as worker:
         start = time.monotonic()
         response = worker.get("/capture?filter=fake-silent")
         assert response.status == 503
-        assert "did not start listening" in response.read().decode()
+        text = response.read().decode()
+        assert "did not start listening within 3 s, with 0.0 s of CPU" in text
+        assert time.monotonic() - start < 3 + 2
+        wait_gone(fake.pids()[0], 1)
+
+
+def test_tcpdump_spinning_without_listening_is_refused_once_it_used_the_cpu_limit(
+    fake: Fake,
+) -> None:
+    with ThreadWorker(fake.path, start_timeout_ns=NS_PER_S // 2) as worker:
+        start = time.monotonic()
+        response = worker.get("/capture?filter=fake-busy-start")
+        assert response.status == 503
+        assert "did not start listening within 0.5 s of CPU time" in response.read().decode()
         assert time.monotonic() - start < 3
         wait_gone(fake.pids()[0], 1)
+
+
+def test_a_tcpdump_slow_to_start_without_using_cpu_is_waited_for(fake: Fake) -> None:
+    """A tcpdump waiting for a CPU on a busy host is not refused at the limit in wall time."""
+    with ThreadWorker(fake.path, start_timeout_ns=NS_PER_S // 2) as worker:
+        response = worker.get("/capture?filter=fake-slow-start&count=1")
+        assert response.status == 200
+        body = response.read()
+    assert len(body) > PCAP_HEADER_LEN
 
 
 def test_over_max_captures_is_503_with_retry_after(fake: Fake) -> None:

@@ -29,6 +29,7 @@ from ddump.protocol import BATCH_DELAY_NS
 from ddump.worker.params import NS_PER_S
 from ddump.worker.procfs import catches_signal, holds_packet_socket
 from ddump.worker.spawn import child_setup
+from ddump.worker.start import NotListening, missing_tcpdump_message, wait_listening
 from ddump.worker.tcpdump import (
     LISTENING_MARK,
     RecordCounter,
@@ -71,22 +72,6 @@ class CaptureRefused(DdumpError):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def missing_tcpdump_message(path: str) -> str:
-    return (
-        f"tcpdump not found at {path!r}: install it (apt-get install tcpdump) "
-        "or give its path with ddump-worker --tcpdump PATH"
-    )
-
-
-def filter_too_slow_message(seconds: str) -> str:
-    return (
-        f"the filter is too complex: tcpdump opened the capture but was still compiling the "
-        f"filter after {seconds} (libpcap's optimizer can take minutes over a long chain of "
-        "`or` terms: 500 `host` terms take about 17 s). Shorten it, e.g. one `net 10.1.0.0/16` "
-        "instead of a `host` per address, or split it over several captures"
-    )
 
 
 class Capture:
@@ -205,20 +190,14 @@ class Capture:
         self._watch_exit()
         background(self._read_stderr(), f"tcpdump-stderr-{self.pid}")
         try:
-            listening = await asyncio.wait_for(
-                asyncio.shield(self._listening), timeout_ns / NS_PER_S
-            )
-        except TimeoutError:
+            listening = await wait_listening(self._listening, self.pid, timeout_ns)
+        except NotListening as late:
             # Looked at before the abort closes it: tcpdump holding its packet socket has
             # opened the capture, and all it has left to do before listening is the filter.
             compiling = self.pid is not None and holds_packet_socket(self.pid)
             self.abort("start timeout")
             await self.wait()
-            seconds = f"{timeout_ns // NS_PER_S}.{timeout_ns % NS_PER_S // 10**8} s"
-            if compiling:
-                raise CaptureRefused(400, filter_too_slow_message(seconds)) from None
-            message = f"tcpdump did not start listening within {seconds}"
-            raise CaptureRefused(503, message) from None
+            raise CaptureRefused(*late.refusal(compiling)) from None
         if not listening:
             stopped = self.stop_reason  # the worker stopped it (shutdown) or the client left
             self.abort("failed to start")

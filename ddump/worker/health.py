@@ -15,8 +15,9 @@ import asyncio
 import subprocess
 import time
 
-from ddump.worker.capture import CaptureRefused, missing_tcpdump_message
+from ddump.worker.capture import CaptureRefused
 from ddump.worker.spawn import child_setup
+from ddump.worker.start import missing_tcpdump_message
 from ddump.worker.state import WorkerState
 from ddump.worker.tcpdump import classify_start_failure, error_lines
 

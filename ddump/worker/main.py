@@ -19,7 +19,7 @@ from ddump.errors import UsageError
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
 from ddump.protocol import DEFAULT_PORT
 from ddump.worker.app import make_app
-from ddump.worker.capture import missing_tcpdump_message, pipe_size_for
+from ddump.worker.capture import pipe_size_for
 from ddump.worker.filter import (
     DEFAULT_BUFFER_KIB,
     MAX_FILTER_LEN,
@@ -43,6 +43,7 @@ from ddump.worker.refusals import RefusalLog
 from ddump.worker.registry import CaptureRegistry
 from ddump.worker.server import BoundedHTTPServer, default_max_connections
 from ddump.worker.spawn import unprivileged_user
+from ddump.worker.start import missing_tcpdump_message
 from ddump.worker.state import WorkerState
 from ddump.worker.tcpdump import error_lines
 

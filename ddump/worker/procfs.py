@@ -20,13 +20,37 @@ def catches_signal(pid: int, signum: int) -> bool:
     return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by process `pid` and its children (0.0 if it is gone)."""
+    total = 0
+    for process in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+    except (OSError, ValueError):
+        return []
+
+
 def holds_packet_socket(pid: int) -> bool:
     """True when process `pid`, or a child of it, has a packet socket open: tcpdump that holds
     one has opened its capture, and what it does before it says "listening" is the filter."""
-    pids = [pid]
+    pids = [pid, *_children(pid)]
     try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            pids += [int(child) for child in (task / "children").read_text().split()]
         lines = Path(f"/proc/{pid}/net/packet").read_text().splitlines()[1:]
     except (OSError, ValueError):
         return False
