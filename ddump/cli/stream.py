@@ -70,6 +70,9 @@ ERROR_BODY_WAIT_S = 2.0  # an error page that never ends must not hold the messa
 MAX_HEADER_BYTES = 64 * 1024
 # The worker answers once tcpdump is listening, which takes a moment after the connection.
 HEADER_GRACE_S = 10.0
+# A direct capture's tcpdump starts after the head: the worker waits up to 60 s for it on a
+# busy host (6 times its 10 s limit of CPU time, ddump/worker/start.py) and then says why.
+DIRECT_START_GRACE_S = 70.0
 _CAPTURE_ID = re.compile(r"[A-Za-z0-9_-]+")
 # A dead peer or a cut link must show within seconds, also while the filter matches nothing.
 # The kernel probes a connection idle for KEEPALIVE_IDLE_S; the worker's kernel answers while
@@ -270,7 +273,7 @@ class CaptureStream:
             conn.deliver = on_data  # from now on, no call of this per read
             return on_data(data)
 
-        grace = self.connect_timeout_s + HEADER_GRACE_S
+        grace = self.connect_timeout_s + DIRECT_START_GRACE_S
         timed_out = False
 
         def give_up() -> None:  # the worker gives up on tcpdump sooner: it is stuck itself
