@@ -30,16 +30,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# The repository root must be on the path first.
+from bench.cpu_per_packet import on_cpu_ns  # noqa: E402
+
 GLOBAL_HEADER = struct.pack("<IHHiIII", 0xA1B23C4D, 2, 4, 0, 0, 262144, 276)  # ns, LINUX_SLL2
 PACKET = bytes(20) + bytes(80)  # an SLL2 header and 80 bytes: what the merge sees is bytes
-
-
-def on_cpu_ns(pid: int) -> int:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            total += int(f.read().split()[0])
-    return total
 
 
 def serve(port_file: str, streams: int, rate: int, seconds: float) -> None:
