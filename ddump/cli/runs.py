@@ -95,6 +95,7 @@ class SessionParts:
     _warned_full: bool
     pacer: Pacer  # busy live streams read in common turns
     _release_due: bool  # a release is scheduled for this pass of the event loop
+    _started_ns: int  # when the session started (a target failing at first misses from then)
 
     def stop(self, reason: str) -> None:
         raise NotImplementedError

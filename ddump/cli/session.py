@@ -8,7 +8,6 @@ import functools
 import ssl
 import time
 from collections.abc import Coroutine
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ddump.cli.drops import DropCounts
@@ -22,6 +21,7 @@ from ddump.cli.ends import (
 )
 from ddump.cli.files import FileSource, FileStream
 from ddump.cli.intake import Intake
+from ddump.cli.openings import Openings
 from ddump.cli.output import Output, OutputClosed
 from ddump.cli.pacer import Pacer
 from ddump.cli.pulled import FilePuller
@@ -36,7 +36,7 @@ from ddump.cli.runs import (
     delivery_delay_ns,
     is_pulled,
 )
-from ddump.cli.sources import Opened, StreamFailure, StreamStalled
+from ddump.cli.sources import StreamFailure, StreamStalled
 from ddump.cli.ticker import Ticker
 from ddump.cli.tls import ContextCache
 from ddump.errors import DdumpError
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ddump.cli.stream import CaptureStream
 
 
-class Session(Intake, FilePuller, DropCounts, Ticker):
+class Session(Intake, FilePuller, DropCounts, Ticker, Openings):
     """Streams every target, merges, writes; `run()` returns whether any target failed."""
 
     def __init__(
@@ -233,7 +233,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
             try:
                 try:
                     await run.stream.run(
-                        lambda opened: self._reopened(run, opened),
+                        functools.partial(self._reopened, run),
                         functools.partial(self._on_data, run),
                     )
                 finally:
@@ -313,36 +313,6 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
         if not asked.reached(packets, elapsed_ns):
             raise StreamFailure(unasked)
 
-    def _reopened(self, run: Run, opened: Opened) -> None:
-        """A capture of the target runs (again): the gap before it, if any, ends now."""
-        if not opened.started:
-            self._answered(run, opened)
-            return
-        failed, error = run.failed, run.counts.error
-        self._on_opened(run, opened)
-        run.capturing_since = asyncio.get_running_loop().time()
-        now = time.time_ns()
-        gaps = run.counts.gaps
-        if gaps and gaps[-1].end_ns is None:
-            gaps[-1] = replace(gaps[-1], end_ns=now)
-            lost_s = (now - gaps[-1].start_ns) / 1e9
-            self.reporter.info(f"{run.target.name}: back after {lost_s:.1f} s not captured")
-        elif failed and not run.answered and isinstance(run.target, LIVE):
-            # It failed at first: it was not captured from the start until now.
-            gaps.append(Gap(self._started_ns, now, error))
-        run.answered = True
-
-    def _answered(self, run: Run, opened: Opened) -> None:
-        """The worker answered with its clock, and its tcpdump is yet to start: every packet
-        it captures is newer than the answer, so the others need not wait for its start (the
-        merge holds it like a quiet target, by the clock)."""
-        if opened.clock_offset_ns is None or run.opened is not None:
-            return
-        run.clock_offset_ns = opened.clock_offset_ns
-        run.clock_offset_high_ns = opened.clock_offset_ns + opened.clock_spread_ns
-        run.clock_known = True
-        self.merger.start_stream(run.index, run.clock_offset_ns)
-
     def _failed(self, run: Run, message: str, silent_ns: int = 0) -> None:
         if (
             isinstance(run.target, LIVE)
@@ -381,56 +351,3 @@ class Session(Intake, FilePuller, DropCounts, Ticker):
         if target.url.startswith("https:"):
             return self.contexts.get(target.ca, target.cert, target.key)
         return None
-
-    def _on_opened(self, run: Run, opened: Opened) -> None:
-        run.counts.state = "capturing"
-        run.failed = False
-        run.counts.error = ""
-        offset = opened.clock_offset_ns
-        run.clock_offset_ns = offset or 0
-        run.clock_known = offset is not None or isinstance(run.target, FileSource)
-        if not run.clock_known:
-            run.counts.no_clock = True
-        run.clock_offset_high_ns = run.clock_offset_ns + (
-            opened.clock_spread_ns if offset is not None else 0
-        )
-        run.opened = opened
-        run.opened_at = asyncio.get_running_loop().time()
-        self._awaiting_header.add(run.index)
-        if opened.capture_id is not None:
-            run.capture_ids.append(opened.capture_id)
-        note = ""
-        if offset is not None:
-            # The worker reads its clock just before it answers: the low end is the estimate.
-            note = f", clock offset {offset / 1e6:+.1f} ms"
-            self._check_clock(run, offset, offset + opened.clock_spread_ns)
-        if isinstance(run.target, FileSource):
-            self.reporter.detail(f"{run.target.name}: reading")
-            return
-        what = f"filter {run.target.filter!r}" if run.target.filter else "no filter"
-        if not run.clock_known:
-            note = ", no clock: ordered by its packets' own timestamps"
-        self.reporter.info(f"{run.target.name}: capturing ({what}{note})")
-
-    def _check_clock(self, run: Run, low: int, high: int) -> None:
-        limit = self.settings.max_delay_ns
-        if low <= limit and high >= -limit:
-            return
-        gap = low if low > limit else -high
-        self.reporter.warn(
-            f"{run.target.name}: its clock is at least {gap / 1e9:.3f} s "
-            f"{'ahead of' if low > limit else 'behind'} this host, more than --max-delay "
-            f"({limit / 1e9:g} s): synchronize clocks (NTP) or raise --max-delay, or its "
-            "packets will be written late"
-        )
-
-    def _learn_clock(self, run: Run, newest_ns: int) -> None:
-        # A packet cannot arrive before it was captured: each batch's newest timestamp minus
-        # our time bounds the worker's clock offset from below, better than the headers did.
-        # Without a clock header, the first packet gives the first bound: a replayed trace or
-        # a clock minutes off then merges by its own timestamps, not all at once.
-        low = newest_ns - time.time_ns()
-        if low > run.clock_offset_ns or not run.clock_known:
-            run.clock_known = True
-            run.clock_offset_ns = low
-            self.merger.start_stream(run.index, low)
