@@ -18,7 +18,9 @@ overall time bound `--max-seconds`). Every run is bounded in packets and in time
   (tcpdump excluded) and of the CLI during the traffic, per million packets they passed on.
 - idle: only h1->h2 sends; h3's worker captures nothing, so the merge waits --max-delay.
 - fanin: four workers on one host's loopback, --max-captures 16 each, one CLI with 64 targets
-  while traffic flows: time to the first byte of output, records per second, peak RSS.
+  (the same capture 16 times from each worker, each time at another 127.0.0.x address, so
+  that the CLI opens 64 streams and the workers share one tcpdump each) while traffic flows:
+  time to the first byte of output, records per second, peak RSS.
 - stall: a client asks h1's worker for a capture and reads nothing for 30 s while h2 sends
   10,000 datagrams/s to h1: the worker's RSS over that time, and the drops tcpdump reports.
 """
@@ -468,15 +470,18 @@ def part_fanin(
         try:
             for index in range(n_workers):
                 worker = WorkerProcess(
-                    worker_argv("--listen", f"127.0.0.1:{WORKER_PORT + index}",
+                    worker_argv("--listen", f"0.0.0.0:{WORKER_PORT + index}",
                                 "--max-captures", str(per_worker), *WORKER_EXTRA),
                     host, env=env,
                 )  # fmt: skip
                 workers.append(worker)
                 worker.wait_listening()
             bpf = quote(f"udp port {BASE_PORT}")
+            # The same capture from each worker, under a different loopback address each time:
+            # the CLI keeps a target given twice once, the workers share identical captures.
             targets = [
-                f"http://127.0.0.1:{WORKER_PORT + i % n_workers}/capture?filter={bpf}"
+                f"http://127.0.0.{1 + i // n_workers}:{WORKER_PORT + i % n_workers}"
+                f"/capture?filter={bpf}"
                 for i in range(streams)
             ]
             # Traffic flows before the CLI starts and until it is stopped (bounded: 60 s).
