@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from ddump.cli.http_conn import READ_SIZE, HttpConnection, open_connection
-from ddump.cli.http_wire import ConnectionClosed, body_framing, find_head_end, parse_head
+from ddump.cli.http_wire import (
+    ConnectionClosed,
+    HeadTooLarge,
+    body_framing,
+    find_head_end,
+    parse_head,
+)
 from ddump.cli.sources import StreamFailure
 from tests.certs import make_pki
 
@@ -269,3 +275,18 @@ def test_no_one_listening_is_the_systems_refusal() -> None:
         port = listener.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(open_connection("127.0.0.1", port, None, 64 * 1024))
+
+
+def test_a_head_that_never_ends_is_refused_past_the_limit() -> None:
+    async def main() -> None:
+        ours, theirs = tcp_pair()
+        conn = HttpConnection(ours, 64 * 1024)
+        theirs.sendall(b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"x" * 70_000)
+        try:
+            with pytest.raises(HeadTooLarge):
+                await asyncio.wait_for(conn.head(), 10)
+        finally:
+            conn.close()
+            theirs.close()
+
+    asyncio.run(main())
