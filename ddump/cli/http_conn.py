@@ -17,13 +17,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 
 from ddump.cli.chunked import ChunkedError
 from ddump.cli.http_wire import ConnectionClosed, Framing, HeadTooLarge, find_head_end
-from ddump.cli.sources import StreamFailure
-
-Deliver = Callable[[bytes], Awaitable[None] | None]  # awaited before the next read
+from ddump.cli.sources import DataCallback, StreamFailure
 
 # Every connection reads into this one buffer, and a read's bytes are copied out at once (the
 # loop runs one callback at a time): a read of a few hundred bytes then allocates a few hundred
@@ -115,7 +112,7 @@ class HttpConnection:
         self._held = b""  # body bytes read before the body was asked for
         self._eof: tuple[BaseException | None] | None = None  # (why) if it closed before then
         self._framing: Framing | None = None
-        self.deliver: Deliver | None = None  # where the body goes (body() sets it)
+        self.deliver: DataCallback | None = None  # where the body goes (body() sets it)
         self._body: asyncio.Future[None] | None = None
         self._watching = False  # the socket's reader callback is on
         self._waiting = False  # for the consumer, which then reads on
@@ -127,6 +124,8 @@ class HttpConnection:
         while view:
             try:
                 view = view[self.sock.send(view) :]
+            except ssl.SSLWantReadError:  # TLS must read before it can send on
+                await _ready(self.sock, write=False)
             except _NOTHING_YET:
                 await _ready(self.sock, write=True)
             except OSError as exc:
@@ -137,7 +136,7 @@ class HttpConnection:
         self._watch()
         return await self._head
 
-    async def body(self, framing: Framing, deliver: Deliver) -> None:
+    async def body(self, framing: Framing, deliver: DataCallback) -> None:
         """Hand the body on until `framing` says it ended. ConnectionClosed if the connection
         cuts it short; what `deliver`, or what it returned, raised."""
         self._framing, self.deliver = framing, deliver
