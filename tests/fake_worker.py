@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 import struct
 import threading
@@ -19,6 +20,17 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
 from ddump.pcap import LINKTYPE_LINUX_SLL2, PcapHeader
+
+
+def read_request(connection: socket.socket) -> bytes | None:
+    """An HTTP request's head read from a stand-in server's connection (None: it closed first)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        piece = connection.recv(4096)
+        if not piece:
+            return None
+        request += piece
+    return request
 
 
 def sll2_packet(payload: bytes, ifindex: int = 1) -> bytes:

@@ -30,7 +30,7 @@ import pytest
 
 from ddump.pcap import GLOBAL_HEADER_LEN, PcapHeader, PcapStreamParser
 from tests.conftest import require_root, require_tool
-from tests.fake_worker import Script, fake_workers, pcap_stream, sll2_packet
+from tests.fake_worker import Script, fake_workers, pcap_stream, read_request, sll2_packet
 from tests.netns import WorkerProcess, worker_argv
 
 DDUMP = [sys.executable, "-m", "ddump.cli.main"]
@@ -625,12 +625,8 @@ class RawServer:
             return
         with connection:
             connection.settimeout(10)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                piece = connection.recv(4096)
-                if not piece:
-                    return
-                request += piece
+            if read_request(connection) is None:
+                return
             connection.sendall(self.answer)
 
     def __enter__(self) -> RawServer:

@@ -23,6 +23,7 @@ from ddump.cli.http_wire import (
 )
 from ddump.cli.sources import StreamFailure
 from tests.certs import make_pki
+from tests.fake_worker import read_request
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.tcpdump.pcap\r\n\r\n"
 
@@ -205,9 +206,7 @@ def serve_once(server: socket.socket, answer: bytes, tls: ssl.SSLContext | None 
         if tls is not None:
             client = tls.wrap_socket(client, server_side=True)
         with client:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += client.recv(4096)
+            read_request(client)
             client.sendall(answer)
             if isinstance(client, ssl.SSLSocket):
                 # close_notify, the body's clean end; the client closes without answering it

@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 
 from ddump.pcap import PcapStreamParser
-from tests.fake_worker import pcap_stream, sll2_packet
+from tests.fake_worker import pcap_stream, read_request, sll2_packet
 from tests.test_worker_app import (
     PCAP_HEADER_LEN,
     RECORD_LEN,
     Fake,
     ThreadWorker,
     fake_tcpdump,
+    raw_request,
     stats_of,
     wait_for,
     wait_gone,
@@ -101,9 +102,9 @@ def test_tcpdump_dying_mid_stream_is_a_failed_end_not_a_clean_one(fake: Fake) ->
 
 def test_a_direct_client_leaving_stops_tcpdump_within_a_second(fake: Fake) -> None:
     with ThreadWorker(fake.path) as worker:
-        client = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
-        client.sendall(
-            b"GET /capture?filter=fake-idle HTTP/1.1\r\nHost: x\r\nX-Ddump-Body: direct\r\n\r\n"
+        client = raw_request(
+            worker,
+            b"GET /capture?filter=fake-idle HTTP/1.1\r\nHost: x\r\nX-Ddump-Body: direct\r\n\r\n",
         )
         assert client.recv(4096).startswith(b"HTTP/1.1 200")
         wait_for(lambda: len(fake.pids()) == 1)
@@ -164,12 +165,7 @@ class DirectServer:
             except OSError:
                 return
             with client:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    data = client.recv(4096)
-                    if not data:
-                        break
-                    request += data
+                request = read_request(client) or b""
                 if request.startswith(b"GET /capture/stats"):
                     self.stats_asked += 1
                     client.sendall(self._stats_answer())
