@@ -42,7 +42,6 @@ import contextlib
 import os
 import re
 import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -77,7 +76,7 @@ from bench.fanin_readings import (  # noqa: E402
     records,
     summary,
 )
-from bench.fleet import percentile, starts, wait_for  # noqa: E402
+from bench.fleet import bounded_as_root, percentile, starts, wait_for  # noqa: E402
 from tests.netns import Fleet, WorkerProcess  # noqa: E402
 
 BASE_PORT = 5000
@@ -326,15 +325,7 @@ def main() -> None:
     args.worker_args = defaults[4] if args.worker_args is None else args.worker_args
     if args.part == "streams" and not args.cli_args:
         args.cli_args = ["-s", "256"]
-    if os.geteuid() != 0:
-        sys.exit("needs root: network namespaces and packet capture")
-
-    def bail(signum: int, _frame: object) -> None:
-        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, bail)
-    signal.signal(signal.SIGALRM, bail)
-    signal.alarm(args.max_seconds)
+    bounded_as_root(args.max_seconds)
     if os.getsid(0) == os.getpid():  # run under `setsid`: this group holds the pipe's reader
         group_nice(os.getpid(), fanin_fleet.SENDER_NICE[0])
     else:

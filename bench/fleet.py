@@ -572,6 +572,19 @@ def part_stall(rate: int, seconds: float, env: dict[str, str]) -> None:
     )
 
 
+def bounded_as_root(max_seconds: int) -> None:
+    """Exit unless root; end the run (cleanups included) on SIGTERM or after `max_seconds`."""
+    if os.geteuid() != 0:
+        sys.exit("needs root: network namespaces and packet capture")
+
+    def bail(signum: int, _frame: object) -> None:
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, bail)
+    signal.signal(signal.SIGALRM, bail)
+    signal.alarm(max_seconds)
+
+
 def main() -> None:
     global PROFILE, SNAPLEN, DDUMP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -600,15 +613,7 @@ def main() -> None:
     args = parser.parse_args()
     PROFILE, SNAPLEN, DDUMP = args.profile, args.snaplen, args.ddump
     WORKER_EXTRA[:] = args.worker_args
-    if os.geteuid() != 0:
-        sys.exit("needs root: network namespaces and packet capture")
-
-    def bail(signum: int, _frame: object) -> None:
-        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, bail)
-    signal.signal(signal.SIGALRM, bail)
-    signal.alarm(args.max_seconds)
+    bounded_as_root(args.max_seconds)
     with tempfile.TemporaryDirectory(prefix="ddump-fleet-") as tmp:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
