@@ -22,6 +22,7 @@ from ddump.cli.http_wire import (
     parse_head,
 )
 from ddump.cli.sources import StreamFailure
+from ddump.cli.unread import UnreadProbe
 from tests.certs import make_pki
 from tests.fake_worker import read_request
 
@@ -289,3 +290,41 @@ def test_a_head_that_never_ends_is_refused_past_the_limit() -> None:
             theirs.close()
 
     asyncio.run(main())
+
+
+def test_a_body_socket_counts_as_unread_while_bytes_wait_and_is_forgotten_at_close() -> None:
+    async def main() -> tuple[list[int], list[int], list[int], list[int]]:
+        ours, theirs = tcp_pair()
+        conn = HttpConnection(ours, 64 * 1024)
+        probe = UnreadProbe()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        theirs.sendall(HEAD + b"first")
+        head = parse_head(await conn.head())
+        got: list[bytes] = []
+
+        def deliver(data: bytes) -> asyncio.Future[None]:
+            got.append(data)
+            return ready  # busy until the test says
+
+        body = asyncio.ensure_future(conn.body(body_framing(head), deliver, probe.slot(7)))
+        while not got:
+            await asyncio.sleep(0.01)
+        quiet = probe.streams()
+        theirs.sendall(b"second")  # comes while the consumer is busy: waits in the socket
+        await asyncio.sleep(0.05)
+        waiting = probe.streams()
+        ready.set_result(None)
+        await asyncio.sleep(0.05)
+        read = probe.streams()
+        theirs.sendall(b"third")
+        conn.close()  # forgotten before it is closed: the number may be another file's
+        await body
+        theirs.close()
+        closed = probe.streams()
+        probe.close()
+        assert b"".join(got) == b"firstsecond"
+        return quiet, waiting, read, closed
+
+    quiet, waiting, read, closed = asyncio.run(main())
+    assert (quiet, waiting, read, closed) == ([], [7], [], [])

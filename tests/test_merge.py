@@ -198,14 +198,19 @@ def test_oldest_mark_is_where_the_oldest_records_end() -> None:
     assert merger.buffered == 1
 
 
-def walked_watermark(merger: Merger, now_ns: int, max_delay_ns: int) -> int:
-    """The watermark by its definition: every stream's mark, walked (what _Marks must equal)."""
+def walked_watermark(
+    merger: Merger, now_ns: int, max_delay_ns: int, backlogged: frozenset[int] = frozenset()
+) -> int:
+    """The watermark by its definition: every stream's mark, walked (what _Marks must equal).
+    A stream with bytes unread (`backlogged`) has no idle term."""
     if any(s.live and not s.started for s in merger.streams):
         return -1
     untimed = [s.newest_ns - 1 for s in merger.streams if s.live and not s.timed]
     timed = [
-        max(s.newest_ns - 1, now_ns - max_delay_ns - s.delay_ns + s.clock_offset_ns)
-        for s in merger.streams
+        s.newest_ns - 1
+        if index in backlogged
+        else max(s.newest_ns - 1, now_ns - max_delay_ns - s.delay_ns + s.clock_offset_ns)
+        for index, s in enumerate(merger.streams)
         if s.live and s.timed
     ]
     return min([FOREVER, *untimed, *timed])
@@ -217,6 +222,7 @@ steps = st.lists(
         st.tuples(st.just("start"), st.integers(0, 7), st.integers(-500, 500)),
         st.tuples(st.just("end"), st.integers(0, 7), st.just(0)),
         st.tuples(st.just("tick"), st.integers(0, 800), st.integers(0, 400)),
+        st.tuples(st.just("backlog"), st.integers(0, 7), st.just(0)),
     ),
     max_size=80,
 )
@@ -231,7 +237,8 @@ steps = st.lists(
 def test_watermark_is_the_least_mark_of_the_live_streams_without_walking_them(
     kinds: list[tuple[bool, int]], steps: list[tuple[str, int, int]]
 ) -> None:
-    merger = Merger()
+    backlog: set[int] = set()  # streams with bytes unread: toggled by "backlog"
+    merger = Merger(unread=lambda: backlog)
     for index, (timed, delay) in enumerate(kinds):
         merger.add_stream(str(index), timed=timed, delay_ns=delay if timed else 0)
         merger.start_stream(index)
@@ -244,11 +251,15 @@ def test_watermark_is_the_least_mark_of_the_live_streams_without_walking_them(
             merger.start_stream(stream, value)
         elif action == "end":
             merger.end_stream(stream)
+        elif action == "backlog":
+            backlog.symmetric_difference_update({stream})
         else:  # time goes on; now and then the allowed delay changes
             now += which
             if value > 300:
                 max_delay = (value - 300) * 10
-        assert merger.watermark(now, max_delay) == walked_watermark(merger, now, max_delay)
+        assert merger.watermark(now, max_delay) == walked_watermark(
+            merger, now, max_delay, frozenset(backlog)
+        )
 
 
 def test_watermark_bookkeeping_stays_bounded_by_the_streams_however_long_it_runs() -> None:
@@ -311,6 +322,46 @@ def test_wait_ns_for_a_busy_streams_own_newest_record_is_its_idle_term() -> None
     assert wait == 249 * MS - 2 * MS  # its mark is T + offset: T must reach now - 3 ms
     assert merger.release(merger.watermark(now + wait - 1, delay)) == []
     assert [ts for ts, _ in merger.release(merger.watermark(now + wait, delay))] == [now - MS]
+
+
+def test_a_quiet_stream_with_bytes_unread_holds_the_others_until_they_are_read() -> None:
+    # A CLI short of CPU: b's records wait in its socket, older than now - max delay. Its idle
+    # term would let a's records out first, and then every one of b's would be late.
+    unread = {1}
+    merger = Merger(unread=lambda: unread)
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    now, delay = 1_000 * MS, 50 * MS
+    merger.push(b, [rec(now - 500 * MS)])
+    merger.push(a, [rec(now - 300 * MS)])
+
+    mark = merger.watermark(now, delay)
+    assert [ts for ts, _ in merger.release(mark)] == []
+    assert merger.wait_ns(now, delay, mark) is None  # not the clock's to settle: b's read is
+    assert merger.wait_ns(now, delay) is None
+    merger.push(b, [rec(now - 400 * MS)])  # what was waiting in b's socket
+    unread.clear()
+    assert [ts for ts, _ in merger.release(merger.watermark(now, delay))] == [
+        now - 500 * MS,
+        now - 400 * MS,
+        now - 300 * MS,
+    ]
+    assert sum(s.late for s in merger.streams) == 0
+
+
+def test_bytes_unread_do_not_hold_an_ended_stream_or_lift_a_mark() -> None:
+    unread = {0, 1}
+    merger = Merger(unread=lambda: unread)
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    now, delay = 1_000 * MS, 50 * MS
+    merger.push(a, [rec(now - 10 * MS)])  # busy: its mark is its newest record anyway
+    merger.push(b, [rec(now - 500 * MS)])
+    assert merger.watermark(now, delay) == now - 500 * MS - 1
+    merger.end_stream(b)
+    assert merger.watermark(now, delay) == now - 10 * MS - 1
 
 
 @given(

@@ -21,6 +21,7 @@ import ssl
 from ddump.cli.chunked import ChunkedError
 from ddump.cli.http_wire import ConnectionClosed, Framing, HeadTooLarge, find_head_end
 from ddump.cli.sources import DataCallback, StreamFailure
+from ddump.cli.unread import UnreadSlot
 
 # Every connection reads into this one buffer, and a read's bytes are copied out at once (the
 # loop runs one callback at a time): a read of a few hundred bytes then allocates a few hundred
@@ -114,6 +115,7 @@ class HttpConnection:
         self._framing: Framing | None = None
         self.deliver: DataCallback | None = None  # where the body goes (body() sets it)
         self._body: asyncio.Future[None] | None = None
+        self._unread: UnreadSlot | None = None  # where the body's socket counts as unread
         self._watching = False  # the socket's reader callback is on
         self._waiting = False  # for the consumer, which then reads on
         self._closed = False
@@ -136,10 +138,16 @@ class HttpConnection:
         self._watch()
         return await self._head
 
-    async def body(self, framing: Framing, deliver: DataCallback) -> None:
+    async def body(
+        self, framing: Framing, deliver: DataCallback, unread: UnreadSlot | None = None
+    ) -> None:
         """Hand the body on until `framing` says it ended. ConnectionClosed if the connection
-        cuts it short; what `deliver`, or what it returned, raised."""
+        cuts it short; what `deliver`, or what it returned, raised. `unread`: where the socket
+        is told to the session's probe (ddump/cli/unread.py) until it closes."""
         self._framing, self.deliver = framing, deliver
+        if unread is not None and not self._closed:
+            self._unread = unread
+            unread.watch(self._fd)
         self._body = self._loop.create_future()
         held, self._held = self._held, b""
         if framing.done:
@@ -158,6 +166,8 @@ class HttpConnection:
             return
         self._closed = True
         self._unwatch()
+        if self._unread is not None:
+            self._unread.forget()  # before the number can be another file's
         self.sock.close()
         if not self._head.done():
             self._head.set_exception(ConnectionClosed(None))

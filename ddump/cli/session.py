@@ -39,6 +39,7 @@ from ddump.cli.runs import (
 from ddump.cli.sources import StreamFailure, StreamStalled
 from ddump.cli.ticker import Ticker
 from ddump.cli.tls import ContextCache
+from ddump.cli.unread import UnreadProbe
 from ddump.errors import DdumpError
 from ddump.merge import Merger
 from ddump.ssh_targets import SshTarget
@@ -64,7 +65,8 @@ class Session(Intake, FilePuller, DropCounts, Ticker, Openings):
         self.output = output
         self.reporter = reporter
         self.settings = settings
-        self.merger = Merger()
+        self.unread = UnreadProbe()
+        self.merger = Merger(unread=self.unread.streams)
         # A capture file has no clock: it is merged by its timestamps alone.
         self.runs = [
             Run(
@@ -126,6 +128,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker, Openings):
         finally:
             ticker.cancel()
             await self._finish()
+            self.unread.close()
         if self.fatal is not None:
             raise self.fatal
         return any(r.failed or r.counts.gaps for r in self.runs)
@@ -226,7 +229,7 @@ class Session(Intake, FilePuller, DropCounts, Ticker, Openings):
             run.decoder = decoder_for(run.target)
             run.linktype = None
             run.opened = None
-            run.stream = self._open(run.target)
+            run.stream = self._open(run)
             if lost_at is not None and loop.time() - lost_at < RECENT_LOSS_S:
                 self._connect_soon(run)
             packets = run.counts.packets
@@ -332,20 +335,29 @@ class Session(Intake, FilePuller, DropCounts, Ticker, Openings):
         run.counts.error = message
         (self.reporter.detail if again else self.reporter.error)(f"{run.target.name}: {message}")
 
-    def _open(
-        self, target: Target | SshTarget | FileSource
-    ) -> CaptureStream | SshStream | FileStream:
+    def _open(self, run: Run) -> CaptureStream | SshStream | FileStream:
+        target = run.target
         if isinstance(target, FileSource):
             return FileStream(target)
         if isinstance(target, SshTarget):
             from ddump.cli.ssh import SshStream, shares_connection
 
             shared = shares_connection(target, (r.target for r in self.runs))
-            return SshStream(target, self.settings.connect_timeout_s, shared=shared)
+            return SshStream(
+                target,
+                self.settings.connect_timeout_s,
+                shared=shared,
+                unread=self.unread.slot(run.index),
+            )
         # Here, not at the top: merging capture files needs no HTTP client.
         from ddump.cli.stream import CaptureStream
 
-        return CaptureStream(target, self._tls_context(target), self.settings.connect_timeout_s)
+        return CaptureStream(
+            target,
+            self._tls_context(target),
+            self.settings.connect_timeout_s,
+            self.unread.slot(run.index),
+        )
 
     def _tls_context(self, target: Target) -> ssl.SSLContext | None:
         if target.url.startswith("https:"):

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Awaitable
 
+from ddump.cli.pipe_reader import PipeReader
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.cli.ssh_connections import (
     CONNECTIONS,
@@ -28,6 +30,7 @@ from ddump.cli.ssh_connections import (
     spawn,
 )
 from ddump.cli.ssh_connections import shares_connection as shares_connection  # for the session
+from ddump.cli.unread import UnreadSlot
 from ddump.pcapng import CaptureCounts
 from ddump.ssh_command import (
     connection_failure,
@@ -41,7 +44,6 @@ from ddump.ssh_command import (
 from ddump.ssh_targets import SshTarget
 from ddump.worker.tcpdump import LISTENING_MARK, parse_stats
 
-READ_SIZE = 256 * 1024
 # From the session's start to tcpdump's "listening on": sudo, the shell and tcpdump (a worker
 # gets the same grace for its answer, ddump/cli/stream.py).
 LISTEN_GRACE_S = 10.0
@@ -61,8 +63,12 @@ class SshStream:
         connections: SshConnections = CONNECTIONS,
         *,
         shared: bool = True,
+        unread: UnreadSlot | None = None,
     ) -> None:
+        """`unread`: where the capture's pipe is shown to the session's probe of unread
+        bytes (ddump/cli/unread.py)."""
         self.target = target
+        self.unread = unread
         self.shared = shared  # False: the capture's session makes the connection itself
         self.connect_timeout_s = connect_timeout_s
         self.connections = connections
@@ -128,14 +134,27 @@ class SshStream:
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()
-        process = self._process = await spawn(
-            session_argv(target, control_path, self.connect_timeout_s),
-            stdin=subprocess.PIPE,
-        )
-        assert process.stdin is not None and process.stdout is not None
+        read_end, write_end = os.pipe()  # its stdout: read by PipeReader, not a StreamReader
+        try:
+            process = self._process = await spawn(
+                session_argv(target, control_path, self.connect_timeout_s),
+                stdin=subprocess.PIPE,
+                stdout=write_end,
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        stdout = PipeReader(read_end, self.unread)
+        assert process.stdin is not None
         process.stdin.write(remote_script(target).encode("utf-8"))
-        with contextlib.suppress(ConnectionError):
-            await process.stdin.drain()
+        try:
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
+        except BaseException:
+            stdout.close()
+            raise
         reader = asyncio.ensure_future(self._read_stderr(process))
         # A session that makes its own connection first has ssh's ConnectTimeout too (ssh's
         # own failure comes first, and names the host).
@@ -158,9 +177,10 @@ class SshStream:
                 self._duration_timer = asyncio.get_running_loop().call_later(
                     target.duration_ns / 1e9, self._stop_remote
                 )
-            await self._pump(process.stdout, on_data)
+            await self._pump(stdout, on_data)
             await self._ended(process)
         finally:
+            stdout.close()
             if self._duration_timer is not None:
                 self._duration_timer.cancel()
             reader.cancel()
@@ -203,16 +223,13 @@ class SshStream:
             clock_spread_ns=spread or 0,
         )
 
-    async def _pump(self, stdout: asyncio.StreamReader, on_data: DataCallback) -> None:
-        while True:
-            chunk = await stdout.read(READ_SIZE)
-            if not chunk:
-                return
+    async def _pump(self, stdout: PipeReader, on_data: DataCallback) -> None:
+        def deliver(chunk: bytes) -> Awaitable[None] | None:
             if self._closing:
-                continue  # drained, so that the remote tcpdump is never blocked on us
-            result = on_data(chunk)
-            if isinstance(result, Awaitable):
-                await result
+                return None  # drained, so that the remote tcpdump is never blocked on us
+            return on_data(chunk)
+
+        await stdout.run(deliver)
 
     async def _ended(self, process: asyncio.subprocess.Process) -> None:
         """Wait for ssh to exit (killed after STOP_GRACE_S), then for the rest of stderr."""

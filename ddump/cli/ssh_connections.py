@@ -45,12 +45,14 @@ def shares_connection(target: SshTarget, targets: Iterable[object]) -> bool:
     return same > 1
 
 
-async def spawn(argv: list[str], *, stdin: int) -> asyncio.subprocess.Process:
+async def spawn(
+    argv: list[str], *, stdin: int, stdout: int = subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
             stdin=stdin,
-            stdout=subprocess.PIPE if stdin == subprocess.PIPE else subprocess.DEVNULL,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             start_new_session=True,  # not the terminal's Ctrl-C: ddump stops it, in order
             preexec_fn=child_setup(None),  # killed if ddump dies

@@ -53,6 +53,7 @@ from ddump.cli.sources import (
     StreamFailure,
     StreamStalled,
 )
+from ddump.cli.unread import UnreadSlot
 from ddump.pcapng import parse_interfaces_header
 from ddump.protocol import (
     BODY_DIRECT,
@@ -94,10 +95,14 @@ class CaptureStream:
         target: Target,
         ssl_context: ssl.SSLContext | None,
         connect_timeout_s: float,
+        unread: UnreadSlot | None = None,
     ) -> None:
+        """`unread`: where the capture's socket is shown to the session's probe of unread
+        bytes (ddump/cli/unread.py)."""
         self.target = target
         self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
+        self.unread = unread
         self._conn: HttpConnection | None = None
         self._connecting: asyncio.Future[HttpConnection] | None = None
         self._closing = False
@@ -240,7 +245,7 @@ class CaptureStream:
                 await self._read_direct(conn, head, opened, on_opened, on_data)
             else:
                 on_opened(opened)
-                await conn.body(body_framing(head), on_data)
+                await conn.body(body_framing(head), on_data, self.unread)
         else:
 
             def keep(chunk: bytes) -> None:
@@ -286,7 +291,7 @@ class CaptureStream:
         on_opened(replace(opened, started=False))
         late = asyncio.get_running_loop().call_later(grace, give_up)
         try:
-            await conn.body(body_framing(head, until_close_only=True), deliver)
+            await conn.body(body_framing(head, until_close_only=True), deliver, self.unread)
         finally:
             late.cancel()
         if timed_out:
