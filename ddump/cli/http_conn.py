@@ -208,6 +208,9 @@ class HttpConnection:
                 break
         if got:
             self._received(bytes(_READ_BUFFER[:got]))
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and self._unread is not None:
+            self._unread.buffered(got == READ_SIZE and sock.pending() > 0)  # left decrypted
         if lost:
             self._lost(error)
         elif self._wants_data:

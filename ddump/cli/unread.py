@@ -20,6 +20,7 @@ class UnreadProbe:
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._owners: dict[int, int] = {}  # descriptor -> stream
+        self._buffered: set[int] = set()  # streams whose bytes wait above the descriptor
 
     def slot(self, stream: int) -> UnreadSlot:
         """Where one stream's source says which descriptor its bytes arrive on."""
@@ -28,15 +29,17 @@ class UnreadProbe:
     def streams(self) -> list[int]:
         """The streams with bytes unread (or an end not yet read) right now."""
         if self._epoll is None or not self._owners:
-            return []
+            return list(self._buffered)
         owners = self._owners
-        return [owners[fd] for fd, _ in self._epoll.poll(0) if fd in owners]
+        ready = [owners[fd] for fd, _ in self._epoll.poll(0) if fd in owners]
+        return [*ready, *self._buffered] if self._buffered else ready
 
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
         self._owners.clear()
+        self._buffered.clear()
 
     def add(self, fd: int, stream: int) -> None:
         if self._epoll is None:
@@ -45,6 +48,12 @@ class UnreadProbe:
             self._epoll.unregister(fd)
         self._epoll.register(fd, select.EPOLLIN)
         self._owners[fd] = stream
+
+    def set_buffered(self, stream: int, more: bool) -> None:
+        if more:
+            self._buffered.add(stream)
+        else:
+            self._buffered.discard(stream)
 
     def remove(self, fd: int) -> None:
         if self._owners.pop(fd, None) is not None and self._epoll is not None:
@@ -68,7 +77,13 @@ class UnreadSlot:
         self._probe.add(fd, self._stream)
         self._fd = fd
 
+    def buffered(self, more: bool) -> None:
+        """Whether bytes wait unread above the descriptor (TLS decrypts a record whole, and a
+        full read can leave some of it in the ssl module's buffer)."""
+        self._probe.set_buffered(self._stream, more)
+
     def forget(self) -> None:
+        self.buffered(False)
         if self._fd is not None:
             self._probe.remove(self._fd)
             self._fd = None
