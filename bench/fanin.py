@@ -4,10 +4,12 @@
     sudo setsid -w .venv/bin/python bench/fanin.py streams [--hosts 16] [--captures 64] [--rate 10]
     sudo setsid -w .venv/bin/python bench/fanin.py filters [--hosts 8] [--captures 8] [--rate 100]
          [--repeat N] [--cli-nice -19] [--cli-args "-s 256 --connect-timeout 120"] [--seconds S]
+         [--cli-cores 0.1]
 
 `setsid`: the bench's own session, whose priority (autogroup) the thread reading the CLI's
 pipe gets; `--cli-nice -19` gives the CLI the priority of a process with a core of its own
-(see bench/fanin_fleet.py, and BENCHMARKS.md part 7 for why).
+(see bench/fanin_fleet.py, and BENCHMARKS.md part 7 for why); `--cli-cores 0.1` limits the
+CLI to a tenth of a CPU (a cgroup's quota): a CLI short of CPU, as on a busy laptop.
 
 Hosts are namespaces of tests/netns.py (198.18.S.0/24 on a bridge; the bridge is given a
 static entry for every host's MAC, or it floods each datagram to every host until it has seen
@@ -82,6 +84,7 @@ from tests.netns import Fleet, WorkerProcess  # noqa: E402
 BASE_PORT = 5000
 START_WAIT_S = 240  # for every capture of `streams` and `filters` to start
 CLI_NICE: list[int] = [0]
+CLI_CORES: list[float] = [0.0]  # > 0: the CLI's CPU limited to this (a cgroup's quota)
 
 
 # ---- the parts ----
@@ -97,7 +100,7 @@ def step_hosts(fleet: Fleet, workers: list[WorkerProcess], n: int, rate: int, se
     targets = [f"http://{h.address}:{WORKER_PORT}/capture" for h in hosts]
     before, ends0 = [starts(w) for w in used], end_counts(used)
     cli = Cli(fleet.hosts[-1], targets, env, ["--filter", f"udp port {BASE_PORT}", *extra],
-              nice=CLI_NICE[0])  # fmt: skip
+              nice=CLI_NICE[0], cores=CLI_CORES[0])  # fmt: skip
     try:
         wait_starts(used, before, [1] * n, 60)
         time.sleep(0.5)  # the CLI has the pcap headers
@@ -189,7 +192,8 @@ def many_captures(args: argparse.Namespace, env: dict[str, str], fleet: Fleet,
     cpu = Cpu({})
     try:
         time.sleep(1.0)
-        cli = Cli(fleet.hosts[-1], targets, env, args.cli_args, args.nofile, CLI_NICE[0])
+        cli = Cli(fleet.hosts[-1], targets, env, args.cli_args, args.nofile, CLI_NICE[0],
+                  CLI_CORES[0])  # fmt: skip
         try:
             with contextlib.suppress(TimeoutError):
                 wait_for(lambda: bool(cli.reader.chunks), 60, "the first byte")
@@ -311,8 +315,16 @@ def main() -> None:
         help="run the CLI at this nice (e.g. -10: as if it "
         "had a core of its own, not shared with the workers of the same machine)",
     )
+    parser.add_argument(
+        "--cli-cores",
+        type=float,
+        default=0.0,
+        help="limit the CLI to this much of a CPU (a cgroup's quota, e.g. 0.1): a CLI short "
+        "of CPU, as on a busy laptop",
+    )
     args = parser.parse_args()
     fanin_fleet.SENDER_NICE[0], CLI_NICE[0] = args.sender_nice, args.cli_nice
+    CLI_CORES[0] = args.cli_cores
     defaults = {
         "hosts": ("8,16,32,64", 1, 2000, 10.0, []),
         "streams": ("16", 64, 10, 20.0, ["--buffer-size", "1024"]),

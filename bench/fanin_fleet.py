@@ -52,6 +52,35 @@ def group_nice(pid: int, nice: int) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
 
 
+CPU_PERIOD_US = 100_000
+
+
+def cpu_limit(pid: int, cores: float) -> Path | None:
+    """Put `pid` in a cgroup of its own that may use `cores` of a CPU (cgroup v2 or v1's cpu
+    controller); the group's directory, for remove_cpu_limit (None: no limit asked)."""
+    if cores <= 0:
+        return None
+    quota = int(cores * CPU_PERIOD_US)
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # v2
+        group = Path(f"/sys/fs/cgroup/ddump-bench-{pid}")
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+    else:
+        group = Path(f"/sys/fs/cgroup/cpu/ddump-bench-{pid}")
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
+
+
+def remove_cpu_limit(group: Path | None) -> None:
+    """Remove the group once its processes have exited."""
+    if group is not None:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 def pin_bridge(fleet: Fleet) -> None:
     """Static bridge entries: a datagram to a host that never sent goes to it alone."""
     for index, host in enumerate(fleet.hosts, start=1):
@@ -139,7 +168,7 @@ class Cli:
     """The real `ddump` on a host, not quiet (its summary is read), its pcap on a pipe."""
 
     def __init__(self, host: Host, targets: list[str], env: dict[str, str], extra: Sequence[str],
-                 nofile: int = 0, nice: int = 0) -> None:  # fmt: skip
+                 nofile: int = 0, nice: int = 0, cores: float = 0.0) -> None:  # fmt: skip
         self.errors = tempfile.NamedTemporaryFile(prefix="ddump-cli-", suffix=".log")  # noqa: SIM115
         # The soft limit lowered to `nofile` (the common default, 1,024), the hard one kept.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -152,6 +181,7 @@ class Cli:
             start_new_session=True,
         )  # fmt: skip
         group_nice(self.process.pid, nice)
+        self.cgroup = cpu_limit(self.process.pid, cores)  # a CLI short of CPU, if asked
         assert self.process.stdout is not None
         self.reader = PipeReader(self.process.stdout.fileno())
         self.reader.start()
@@ -168,6 +198,7 @@ class Cli:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+        remove_cpu_limit(self.cgroup)
         self.reader.join(timeout)
         return self.process.returncode
 
