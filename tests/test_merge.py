@@ -202,9 +202,11 @@ def walked_watermark(
     merger: Merger, now_ns: int, max_delay_ns: int, backlogged: frozenset[int] = frozenset()
 ) -> int:
     """The watermark by its definition: every stream's mark, walked (what _Marks must equal).
-    A stream with bytes unread (`backlogged`) has no idle term."""
+    A stream with bytes unread (`backlogged`) has no idle term, unless it is the only live one."""
     if any(s.live and not s.started for s in merger.streams):
         return -1
+    if sum(s.live for s in merger.streams) < 2:
+        backlogged = frozenset()
     untimed = [s.newest_ns - 1 for s in merger.streams if s.live and not s.timed]
     timed = [
         s.newest_ns - 1
@@ -348,6 +350,24 @@ def test_a_quiet_stream_with_bytes_unread_holds_the_others_until_they_are_read()
         now - 300 * MS,
     ]
     assert sum(s.late for s in merger.streams) == 0
+
+
+def test_a_stream_alone_is_not_asked_for_bytes_unread() -> None:
+    asked: list[int] = []
+
+    def unread() -> list[int]:
+        asked.append(1)
+        return [0]
+
+    merger = Merger(unread=unread)
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    merger.end_stream(b)
+    merger.end_stream(b)  # twice: still one stream live
+    merger.push(a, [rec(5 * MS)])
+    assert merger.watermark(1_000 * MS, 50 * MS) == 950 * MS  # its own records: never late
+    assert asked == []
 
 
 def test_bytes_unread_do_not_hold_an_ended_stream_or_lift_a_mark() -> None:
