@@ -8,14 +8,14 @@ I/O: the inventory itself, password files and the environment; nothing else.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import yaml
 
 from ddump.errors import UsageError
 from ddump.inventory_ssh import is_ssh, ssh_target
+from ddump.inventory_yaml import Setting, Settings, YamlReader, is_null
 from ddump.pcap import DEFAULT_SNAPLEN
 from ddump.protocol import BATCH_PARAM, DEFAULT_PORT
 from ddump.ssh_targets import SshTarget, check_ssh_option
@@ -59,21 +59,7 @@ _SSH_ONLY = ("user", "sudo", "ssh_options")
 _TARGET_KEYS = {"name": _STR, "url": _STR, "host": _STR, **_DEFAULT_KEYS}
 _NODE = ""  # kept as a node, checked by its reader
 _TOP_KEYS = {"defaults": _NODE, "targets": _NODE, "groups": _NODE}
-_NULL_TAG = "tag:yaml.org,2002:null"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 _PASSWORD_KEYS = ("password_env", "password_file")
-
-A = TypeVar("A")
-R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class _Setting:
-    value: object
-    node: yaml.Node
-
-
-_Settings = dict[str, _Setting]
 
 
 def load_inventory(
@@ -96,19 +82,14 @@ def load_inventory(
     return _Inventory(path, environ, overrides or {}).load(data, groups)
 
 
-class _Inventory:
+class _Inventory(YamlReader):
     def __init__(
         self, path: str, environ: Mapping[str, str], overrides: Mapping[str, object]
     ) -> None:
-        self.path = path
+        super().__init__(path)
         self.directory = os.path.dirname(os.path.abspath(path))
         self.environ = environ
         self.overrides = overrides
-        self.constructor = yaml.constructor.SafeConstructor()
-        self.entries_seen: dict[int, list[tuple[str, yaml.Node, yaml.Node]]] = {}
-
-    def error(self, node: yaml.Node, message: str) -> UsageError:
-        return UsageError(f"{self.path}:{node.start_mark.line + 1}: {message}")
 
     def load(self, data: bytes, selected: Sequence[str]) -> list[Target | SshTarget]:
         try:
@@ -117,10 +98,10 @@ class _Inventory:
             raise self.yaml_error(error) from None
         except yaml.YAMLError as error:
             raise UsageError(f"{self.path}: {error}") from None
-        if root is None or _is_null(root):
+        if root is None or is_null(root):
             raise UsageError(f"{self.path}:1: the inventory is empty: add a 'targets:' list")
         top = self.settings(root, _TOP_KEYS, "at the top level")
-        defaults: _Settings = {}
+        defaults: Settings = {}
         if "defaults" in top:
             defaults = self.settings(top["defaults"].node, _DEFAULT_KEYS, "in defaults")
         ungrouped = self.sequence(top["targets"].node, "targets") if "targets" in top else []
@@ -145,16 +126,8 @@ class _Inventory:
             built[id(node)] = target
         return [built[id(node)] for node in chosen]
 
-    def yaml_error(self, error: yaml.MarkedYAMLError) -> UsageError:
-        mark = error.problem_mark or error.context_mark
-        where = f":{mark.line + 1}" if mark is not None else ""
-        message = error.problem or "not valid YAML"
-        if error.context:
-            message = f"{error.context}: {message}"
-        return UsageError(f"{self.path}{where}: {message}")
-
     def groups(self, node: yaml.Node) -> dict[str, tuple[yaml.Node, list[yaml.Node]]]:
-        if _is_null(node):
+        if is_null(node):
             return {}
         return {
             name: (key, self.sequence(value, f"group {name!r}"))
@@ -175,39 +148,8 @@ class _Inventory:
             nodes += members
         return nodes
 
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        if _is_null(node):
-            return []
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.error(node, f"{what} must be a list, not {self.describe(node)}")
-        return list(node.value)
-
-    def entries(self, node: yaml.Node, where: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
-        """(key, key node, value node) of a mapping, with merge keys ("<<: *anchor") applied."""
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(node, f"expected a mapping {where}, not {self.describe(node)}")
-        if id(node) in self.entries_seen:  # flatten_mapping changes the node: only once
-            return self.entries_seen[id(node)]
-        lines: dict[str, int] = {}
-        for key, _ in node.value:
-            if key.tag == _MERGE_TAG:
-                continue
-            if not isinstance(key, yaml.ScalarNode) or not isinstance(self.value(key), str):
-                raise self.error(key, f"a key must be a string, not {self.describe(key)}")
-            first = lines.setdefault(key.value, key.start_mark.line + 1)
-            if first != key.start_mark.line + 1:
-                raise self.error(key, f"duplicate key {key.value!r} (first on line {first})")
-        try:
-            self.constructor.flatten_mapping(node)
-        except yaml.MarkedYAMLError as error:
-            raise self.yaml_error(error) from None
-        # Merged entries come first, the mapping's own last: a later key overrides.
-        merged = {key.value: (key.value, key, value) for key, value in node.value}
-        self.entries_seen[id(node)] = list(merged.values())
-        return self.entries_seen[id(node)]
-
-    def settings(self, node: yaml.Node, kinds: Mapping[str, str], where: str) -> _Settings:
-        settings: _Settings = {}
+    def settings(self, node: yaml.Node, kinds: Mapping[str, str], where: str) -> Settings:
+        settings: Settings = {}
         for name, key, value_node in self.entries(node, where):
             if name == "password":
                 raise self.error(
@@ -219,7 +161,7 @@ class _Inventory:
                 raise self.error(key, f"unknown key {name!r} {where} (known: {', '.join(kinds)})")
             kind = kinds[name]
             if kind == _STR_LIST:
-                settings[name] = _Setting(self.ssh_options(value_node, name), value_node)
+                settings[name] = Setting(self.ssh_options(value_node, name), value_node)
                 continue
             value = value_node if kind == _NODE else self.value(value_node)
             if kind != _NODE and not _has_kind(value, kind):
@@ -231,7 +173,7 @@ class _Inventory:
                 raise self.error(
                     value_node, f"{name} must be {kind}, not {self.describe(value_node)}{hint}"
                 )
-            settings[name] = _Setting(value, value_node)
+            settings[name] = Setting(value, value_node)
         return settings
 
     def ssh_options(self, node: yaml.Node, name: str) -> tuple[str, ...]:
@@ -246,27 +188,8 @@ class _Inventory:
             options.append(self.check(item, check_ssh_option, value))
         return tuple(options)
 
-    def value(self, node: yaml.Node) -> object:
-        if not isinstance(node, yaml.ScalarNode):
-            return node
-        try:
-            return self.constructor.construct_object(node)
-        except yaml.MarkedYAMLError as error:
-            raise self.yaml_error(error) from None
-
-    def describe(self, node: yaml.Node) -> str:
-        if isinstance(node, yaml.SequenceNode):
-            return "a list"
-        if isinstance(node, yaml.MappingNode):
-            return "a mapping"
-        value = self.value(node)
-        if value is None:
-            return "null"
-        kinds = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
-        return f"{kinds.get(type(value), type(value).__name__)} {node.value!r}"
-
     def target(
-        self, node: yaml.Node, defaults: _Settings, read_password: bool
+        self, node: yaml.Node, defaults: Settings, read_password: bool
     ) -> tuple[Target | SshTarget, yaml.Node | None]:
         if isinstance(node, yaml.MappingNode):
             own = self.settings(node, _TARGET_KEYS, "in a target")
@@ -279,7 +202,7 @@ class _Inventory:
         if "url" in own and "host" in own:
             raise self.error(own["host"].node, "give 'url' or 'host', not both")
         # What the user typed now beats what the inventory says for every target.
-        typed = {name: _Setting(value, node) for name, value in self.overrides.items()}
+        typed = {name: Setting(value, node) for name, value in self.overrides.items()}
         if is_ssh(own, defaults):
             return ssh_target(self, own, defaults, typed)
         for only in _SSH_ONLY:
@@ -315,7 +238,7 @@ class _Inventory:
         )
         return target, name.node if name else None
 
-    def with_snaplen(self, endpoint: Endpoint, snaplen: _Setting | None) -> Endpoint:
+    def with_snaplen(self, endpoint: Endpoint, snaplen: Setting | None) -> Endpoint:
         """The worker's ?snaplen= from the inventory, unless the target's URL gives one."""
         if snaplen is None or snaplen.value is None:
             return endpoint
@@ -325,20 +248,20 @@ class _Inventory:
             raise self.error(snaplen.node, f"snaplen must be 1..{DEFAULT_SNAPLEN}, not {value}")
         return with_param(endpoint, "snaplen", str(value))
 
-    def plain_target(self, node: yaml.ScalarNode) -> _Settings:
+    def plain_target(self, node: yaml.ScalarNode) -> Settings:
         """ "web-1", "web-1:9000", "198.18.0.3", "::1", "[::1]:9000", or a whole URL."""
         text = str(self.value(node)).strip()
         if "://" in text:
-            return {"url": _Setting(text, node)}
+            return {"url": Setting(text, node)}
         if text.count(":") > 1 and not text.startswith("["):
-            return {"host": _Setting(text, node)}
+            return {"host": Setting(text, node)}
         host, port = self.check(node, split_host_port, text)
-        settings = {"host": _Setting(host, node)}
+        settings = {"host": Setting(host, node)}
         if port is not None:
-            settings["port"] = _Setting(port, node)
+            settings["port"] = Setting(port, node)
         return settings
 
-    def url_endpoint(self, own: _Settings) -> Endpoint:
+    def url_endpoint(self, own: Settings) -> Endpoint:
         url = own["url"]
         for name in ("host", "port", "scheme", "path"):
             if name in own:
@@ -362,7 +285,7 @@ class _Inventory:
                 raise self.error(own[name].node, f"{name} is given twice: in the URL and here")
         return endpoint
 
-    def host_endpoint(self, own: _Settings, defaults: _Settings) -> Endpoint:
+    def host_endpoint(self, own: Settings, defaults: Settings) -> Endpoint:
         merged = {**defaults, **own}
         return Endpoint(
             scheme=self.checked(merged, "scheme", validate_scheme, "http"),
@@ -372,7 +295,7 @@ class _Inventory:
         )
 
     def password(
-        self, own: _Settings, defaults: _Settings, username: str | None, read: bool
+        self, own: Settings, defaults: Settings, username: str | None, read: bool
     ) -> str | None:
         # The target's password_env/password_file replaces the default's, whichever it is.
         source = own if any(name in own for name in _PASSWORD_KEYS) else defaults
@@ -405,22 +328,11 @@ class _Inventory:
             raise self.error(setting.node, f"the password from {setting.value} is empty")
         return secret
 
-    def file(self, setting: _Setting | None) -> str | None:
+    def file(self, setting: Setting | None) -> str | None:
         """A path from the inventory: relative ones are relative to the inventory's directory."""
         if setting is None or setting.value is None:
             return None
         return os.path.join(self.directory, os.path.expanduser(str(setting.value)))
-
-    def check(self, node: yaml.Node, check: Callable[[A], R], value: A) -> R:
-        try:
-            return check(value)
-        except UsageError as error:
-            raise self.error(node, str(error)) from None
-
-    def checked(self, settings: _Settings, name: str, check: Callable[[Any], R], default: R) -> R:
-        """The setting, already type-checked by settings(), validated; or the default."""
-        setting = settings.get(name)
-        return default if setting is None else self.check(setting.node, check, setting.value)
 
 
 def _host_without_port(text: str) -> str:
@@ -431,10 +343,6 @@ def _host_without_port(text: str) -> str:
             raise UsageError(f"host {text!r} holds a port: write it as 'port: {port}'")
         return host
     return validate_host(text)
-
-
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
 
 
 def _has_kind(value: object, kind: str) -> bool:
@@ -453,7 +361,7 @@ def with_param(endpoint: Endpoint, name: str, value: str | None) -> Endpoint:
     return replace(endpoint, params=(*endpoint.params, (name, value)))
 
 
-def _flag_text(setting: _Setting | None) -> str | None:
+def _flag_text(setting: Setting | None) -> str | None:
     if setting is None or setting.value is None:
         return None
     return "1" if setting.value else "0"

@@ -17,13 +17,14 @@ from ddump.targets import Endpoint, validate_host, validate_port
 if TYPE_CHECKING:
     import yaml
 
-    from ddump.inventory import _Inventory, _Settings
+    from ddump.inventory import _Inventory
+    from ddump.inventory_yaml import Settings
 
 _WORKER_ONLY = ("path", "username", "password_env", "password_file", "ca", "cert", "key")
 _NOT_WITH_URL = ("host", "port", "scheme", "user", "filter", "snaplen", BATCH_PARAM)
 
 
-def is_ssh(own: _Settings, defaults: _Settings) -> bool:
+def is_ssh(own: Settings, defaults: Settings) -> bool:
     """Whether a target's settings (over the defaults) make it an SSH target."""
     if "url" in own:
         return is_ssh_url(str(own["url"].value))
@@ -32,7 +33,7 @@ def is_ssh(own: _Settings, defaults: _Settings) -> bool:
 
 
 def ssh_target(
-    reader: _Inventory, own: _Settings, defaults: _Settings, typed: _Settings
+    reader: _Inventory, own: Settings, defaults: Settings, typed: Settings
 ) -> tuple[SshTarget, yaml.Node | None]:
     """The SshTarget of one inventory entry, and its name's node (for duplicate names)."""
     for key in _WORKER_ONLY:
