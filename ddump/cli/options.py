@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_seconds("250ms"),
         metavar="SECONDS",
         help="longest time a quiet target may hold back the others' packets; packets that "
-        "arrive later than this are still written, out of place, and counted as late "
-        "(default 250ms)",
+        "arrive later than this are still written, out of place, and counted as late. "
+        "Packets already here that ddump has yet to read (ddump short of CPU) are not late: "
+        "they hold the others back until read (default 250ms)",
     )
 
     files = parser.add_argument_group(
