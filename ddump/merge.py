@@ -297,8 +297,8 @@ class Merger:
         """How long until the oldest buffered record may be released, if the passing of time
         alone can bring that: at least this long (0: now); None if nothing is buffered or a
         stream must send more first (an untimed one, one not started, or one whose bytes wait
-        unread: reading them releases). `watermark`: the
-        one the caller just took at `now_ns` (with nothing pushed since), not taken again."""
+        unread: reading them releases). `watermark`: the one the caller just took at `now_ns`
+        (with nothing pushed since), not taken again."""
         heads, head = self._heads, self._head
         while heads and head[heads[0][1]] != heads[0][0]:
             heapq.heappop(heads)  # stale
