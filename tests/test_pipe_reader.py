@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 
 import pytest
 
-from ddump.cli.pipe_reader import READ_SIZE, PipeReader
+from ddump.cli.pipe_reader import PIPE_SIZE, READ_SIZE, PipeReader, pipe
 from ddump.cli.unread import UnreadProbe
 
 
@@ -98,3 +99,15 @@ def test_what_the_consumer_raises_ends_the_read() -> None:
 
     with pytest.raises(ValueError, match="not a pcap"):
         asyncio.run(main())
+
+
+def test_a_childs_pipe_holds_a_mebibyte_where_the_system_allows() -> None:
+    read_end, write_end = pipe()
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as limit:
+            allowed = int(limit.read()) >= PIPE_SIZE
+        size = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+        assert size == PIPE_SIZE if allowed else size > 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)

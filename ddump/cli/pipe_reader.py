@@ -10,14 +10,27 @@ sees it (ddump/cli/unread.py), and the consumer's readiness reads it at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 
 from ddump.cli.sources import DataCallback
 from ddump.cli.unread import UnreadSlot
 
 READ_SIZE = 256 * 1024
+# What a child may write ahead of our reads (the kernel's default is 64 KiB; 1 MiB is what an
+# unprivileged process may ask for by default): ~1 s of a busy capture's records.
+PIPE_SIZE = 1 << 20
 _BUFFER = bytearray(READ_SIZE)  # shared: the loop runs one callback at a time
 _VIEW = memoryview(_BUFFER)
+
+
+def pipe() -> tuple[int, int]:
+    """(read end, write end) of a new pipe, made PIPE_SIZE large where the system allows."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # fs.pipe-max-size, or the user's pipe quota
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end
 
 
 class PipeReader:

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Awaitable
 
-from ddump.cli.pipe_reader import PipeReader
+from ddump.cli.pipe_reader import PipeReader, pipe
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.cli.ssh_connections import (
     CONNECTIONS,
@@ -134,7 +134,7 @@ class SshStream:
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()
-        read_end, write_end = os.pipe()  # its stdout: read by PipeReader, not a StreamReader
+        read_end, write_end = pipe()  # its stdout: read by PipeReader, not a StreamReader
         try:
             process = self._process = await spawn(
                 session_argv(target, control_path, self.connect_timeout_s),
