@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -473,3 +474,64 @@ def test_a_target_alone_on_its_host_is_one_ssh_process_and_two_share_a_master(
     assert processes == 1 + 3, cli.stderr
     assert status == 0, cli.stderr
     assert left == []
+
+
+def test_a_cli_short_of_cpu_writes_every_ssh_packet_in_order_and_none_late(
+    site: SshSite, tmp_path: Path
+) -> None:
+    """An ssh:// capture's stdout pipe is in the probe of unread bytes: a CLI stopped 150 ms of
+    every 180 (SIGSTOP) while three hosts send holds the merge for what waits in its pipes
+    (--max-delay 50ms), and writes nothing late."""
+    count, rate = 800, 400
+    with Fleet(3) as fleet:
+        h1, h2, h3 = fleet.hosts
+        for host in fleet.hosts:
+            site.serve(host)
+        targets = [ssh_url(host) for host in fleet.hosts]
+        cli = Cli(site, ["--max-delay", "50ms", *targets], tmp_path / "out.pcap")
+        cli.wait_for(": capturing", 3)
+        stop = threading.Event()
+
+        def starve() -> None:
+            while not stop.is_set():
+                os.kill(cli.process.pid, signal.SIGSTOP)
+                try:
+                    stop.wait(0.15)
+                finally:
+                    os.kill(cli.process.pid, signal.SIGCONT)
+                stop.wait(0.03)
+
+        flows = [(h1, h2, 5001), (h2, h3, 5002), (h3, h1, 5003)]
+        starver = threading.Thread(target=starve, daemon=True)
+        starver.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(flows)) as pool:
+                sent = {
+                    port: pool.submit(
+                        udp_traffic,
+                        src,
+                        dst,
+                        port=port,
+                        count=count,
+                        rate=rate,
+                        src_port=port - 1000,
+                    )
+                    for src, dst, port in flows
+                }
+                received = {port: future.result().received for port, future in sent.items()}
+        finally:
+            stop.set()
+            starver.join(5)
+        time.sleep(0.5)
+        status = cli.finish()
+    records = cli.records()
+
+    assert status == 0, cli.stderr
+    assert "late" not in cli.stderr, cli.stderr
+    stamps = [ts for ts, _ in records]
+    assert stamps == sorted(stamps)
+    seen = udp_flows(records)
+    for port in received:
+        assert received[port] == count
+        for seq in range(count):
+            assert seen[(port, seq)] == [PACKET_OUTGOING, 0], (port, seq)
