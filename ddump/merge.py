@@ -92,6 +92,7 @@ class _Marks:
         self._by_newest: list[tuple[int, int, int]] = []  # (newest - 1, stream, version)
         self._by_crossing: list[tuple[int, int, int]] = []  # (crossing point, ...)
         self._by_offset: list[tuple[int, int, int]] = []  # (offset - delay, ...): crossed
+        self._crossed_by_newest: list[tuple[int, int, int]] = []  # (newest - 1, ...): crossed
         self._time = -FOREVER  # the latest T
         self.limiter: int | None = None  # the stream whose mark was the least, at the latest T
 
@@ -123,6 +124,7 @@ class _Marks:
                 crossed[stream] = True
                 state = streams[stream]
                 heapq.heappush(by_offset, (state.clock_offset_ns - state.delay_ns, stream, seen))
+                heapq.heappush(self._crossed_by_newest, (state.newest_ns - 1, stream, seen))
         mark, self.limiter = FOREVER, None
         by_newest = self._by_newest
         while by_newest:
@@ -138,9 +140,21 @@ class _Marks:
                     mark, self.limiter = time + offset, stream
                 break
             heapq.heappop(by_offset)
-        if len(by_newest) + len(by_crossing) + len(by_offset) > 6 * len(streams) + 64:
+        heaps = len(by_newest) + len(by_crossing) + len(by_offset) + len(self._crossed_by_newest)
+        if heaps > 8 * len(streams) + 64:
             self._compact()
         return mark
+
+    def crossed_below(self, mark: int) -> bool:
+        """Whether a stream whose idle term makes its mark (at the latest T) has sent nothing
+        newer than `mark`: only such a stream's mark is lower while it has bytes unread."""
+        heap, version, crossed = self._crossed_by_newest, self._version, self._crossed
+        while heap:
+            newest, stream, seen = heap[0]
+            if seen == version[stream] and crossed[stream]:
+                return newest < mark
+            heapq.heappop(heap)
+        return False
 
     def _compact(self) -> None:
         version, crossed = self._version, self._crossed
@@ -149,11 +163,15 @@ class _Marks:
         ]
         self._by_crossing = [e for e in self._by_crossing if e[2] == version[e[1]]]
         self._by_offset = [e for e in self._by_offset if e[2] == version[e[1]]]
-        for heap in (self._by_newest, self._by_crossing, self._by_offset):
+        self._crossed_by_newest = [
+            e for e in self._crossed_by_newest if e[2] == version[e[1]] and crossed[e[1]]
+        ]
+        for heap in (self._by_newest, self._by_crossing, self._by_offset, self._crossed_by_newest):
             heapq.heapify(heap)
 
     def _rebuild(self) -> None:
         self._by_newest, self._by_crossing, self._by_offset = [], [], []
+        self._crossed_by_newest = []
         for stream, state in enumerate(self._streams):
             if state.timed:
                 self.update(stream)
@@ -283,10 +301,11 @@ class Merger:
         mark = FOREVER if least is None else least - 1
         # Each live timed stream: max(newest_ns - 1, now - max delay - delay + clock offset).
         mark = min(mark, self._marks.least(now_ns - max_delay_ns))
-        # ... but newest_ns - 1 while bytes it sent wait unread (that is never above the max).
+        # ... but newest_ns - 1 while bytes it sent wait unread (that is never above the max;
+        # it is below the mark only for a stream whose idle term is its mark: asked only then).
         # A stream alone cannot be late: no other stream's records go out before its own.
         self._held_by_unread = False
-        if self._unread is not None and self._live > 1:
+        if self._unread is not None and self._live > 1 and self._marks.crossed_below(mark):
             for stream in self._unread():
                 state = self.streams[stream]
                 if state.live and state.timed and state.newest_ns - 1 < mark:

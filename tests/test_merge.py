@@ -276,7 +276,8 @@ def test_watermark_bookkeeping_stays_bounded_by_the_streams_however_long_it_runs
             merger, tick * MS, 250 * MS
         )
     marks = merger._marks
-    assert len(marks._by_newest) + len(marks._by_crossing) + len(marks._by_offset) <= 6 * 64 + 64
+    heaps = (marks._by_newest, marks._by_crossing, marks._by_offset, marks._crossed_by_newest)
+    assert sum(map(len, heaps)) <= 8 * 64 + 64
 
 
 def test_wait_ns_is_when_the_clock_alone_lets_the_oldest_held_record_out() -> None:
@@ -350,6 +351,28 @@ def test_a_quiet_stream_with_bytes_unread_holds_the_others_until_they_are_read()
         now - 300 * MS,
     ]
     assert sum(s.late for s in merger.streams) == 0
+
+
+def test_streams_that_all_sent_lately_are_not_asked_for_bytes_unread() -> None:
+    # 1,024 targets at 10 packets/s: each sent within --max-delay, so each one's mark is its
+    # newest record already, and bytes unread cannot lower it: no probe per release.
+    asked: list[int] = []
+
+    def unread() -> list[int]:
+        asked.append(1)
+        return [0, 1]
+
+    merger = Merger(unread=unread)
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    now, delay = 1_000 * MS, 250 * MS
+    merger.push(a, [rec(now - 100 * MS)])
+    merger.push(b, [rec(now - 50 * MS)])
+    assert merger.watermark(now, delay) == now - 100 * MS - 1
+    assert asked == []
+    assert merger.watermark(now + 200 * MS, delay) == now - 100 * MS - 1  # a crossed: asked
+    assert asked == [1]
 
 
 def test_a_stream_alone_is_not_asked_for_bytes_unread() -> None:
