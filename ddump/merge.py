@@ -79,10 +79,11 @@ class _Marks:
     A stream's mark is max(newest - 1, T + offset - delay), T being now minus the max delay:
     its newest record until T passes newest - 1 - (offset - delay), its crossing point, then
     the idle term. So the streams not yet crossed are kept by newest, the crossed ones by
-    offset - delay, and the crossing points in a third heap that T pops as it grows (if it
-    goes back, a new max delay, everything is rebuilt). Entries are deleted lazily: each
-    carries its stream's version, bumped by every change; once the heaps hold twice the
-    entries they can need (three per stream), they are rebuilt from the current ones.
+    offset - delay (and by newest, for crossed_below), and the crossing points in a heap that
+    T pops as it grows (if it goes back, a new max delay, everything is rebuilt). Entries are
+    deleted lazily: each carries its stream's version, bumped by every change; once the heaps
+    hold twice the entries they can need (four per stream), they are rebuilt from the
+    current ones.
     """
 
     def __init__(self, streams: list[StreamState]) -> None:
