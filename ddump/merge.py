@@ -190,7 +190,6 @@ class Merger:
         self._untimed = _Newest(self.streams)  # bounds the mark by their newest records
         self._pulled = _Newest(self.streams)
         self._unstarted = 0  # live streams not started: nothing is released meanwhile
-        self._live = 0  # streams that may still send
         # (oldest buffered timestamp, stream) of every stream with records buffered; an entry
         # whose key is no longer the stream's `_head` is stale.
         self._heads: list[tuple[int, int]] = []
@@ -216,7 +215,6 @@ class Merger:
         self._unsorted.append(False)
         self._head.append(None)
         index = len(self.streams) - 1
-        self._live += 1
         self._marks.add()
         if timed:
             self._marks.update(index)
@@ -246,8 +244,6 @@ class Merger:
         state = self.streams[stream]
         if state.live and not state.started:
             self._unstarted -= 1
-        if state.live:
-            self._live -= 1
         state.live = False
         if state.timed:
             self._marks.update(stream)  # its entries are stale: it holds nobody back
@@ -303,10 +299,10 @@ class Merger:
         # Each live timed stream: max(newest_ns - 1, now - max delay - delay + clock offset).
         mark = min(mark, self._marks.least(now_ns - max_delay_ns))
         # ... but newest_ns - 1 while bytes it sent wait unread (that is never above the max;
-        # it is below the mark only for a stream whose idle term is its mark: asked only then).
-        # A stream alone cannot be late: no other stream's records go out before its own.
+        # it is below the mark only for a stream whose idle term is its mark: asked only then,
+        # so busy streams, one capture's included, cost no question).
         self._held_by_unread = False
-        if self._unread is not None and self._live > 1 and self._marks.crossed_below(mark):
+        if self._unread is not None and self._marks.crossed_below(mark):
             for stream in self._unread():
                 state = self.streams[stream]
                 if state.live and state.timed and state.newest_ns - 1 < mark:

@@ -202,11 +202,9 @@ def walked_watermark(
     merger: Merger, now_ns: int, max_delay_ns: int, backlogged: frozenset[int] = frozenset()
 ) -> int:
     """The watermark by its definition: every stream's mark, walked (what _Marks must equal).
-    A stream with bytes unread (`backlogged`) has no idle term, unless it is the only live one."""
+    A stream with bytes unread (`backlogged`) has no idle term."""
     if any(s.live and not s.started for s in merger.streams):
         return -1
-    if sum(s.live for s in merger.streams) < 2:
-        backlogged = frozenset()
     untimed = [s.newest_ns - 1 for s in merger.streams if s.live and not s.timed]
     timed = [
         s.newest_ns - 1
@@ -375,7 +373,7 @@ def test_streams_that_all_sent_lately_are_not_asked_for_bytes_unread() -> None:
     assert asked == [1]
 
 
-def test_a_stream_alone_is_not_asked_for_bytes_unread() -> None:
+def test_a_busy_stream_alone_is_not_asked_for_bytes_unread() -> None:
     asked: list[int] = []
 
     def unread() -> list[int]:
@@ -383,14 +381,31 @@ def test_a_stream_alone_is_not_asked_for_bytes_unread() -> None:
         return [0]
 
     merger = Merger(unread=unread)
+    a = merger.add_stream("a")
+    merger.start_stream(a)
+    merger.push(a, [rec(990 * MS)])
+    assert merger.watermark(1_000 * MS, 50 * MS) == 990 * MS - 1
+    assert asked == []  # one capture's reads cost no question
+
+
+def test_an_ended_streams_held_records_wait_for_the_unread_bytes_of_the_one_left() -> None:
+    # a ends (its count reached) with a record still held; b, the only live stream left, has
+    # older records unread: a's record must wait for them, or they would all be late.
+    unread = {1}
+    merger = Merger(unread=lambda: unread)
     a, b = merger.add_stream("a"), merger.add_stream("b")
     merger.start_stream(a)
     merger.start_stream(b)
-    merger.end_stream(b)
-    merger.end_stream(b)  # twice: still one stream live
-    merger.push(a, [rec(5 * MS)])
-    assert merger.watermark(1_000 * MS, 50 * MS) == 950 * MS  # its own records: never late
-    assert asked == []
+    now, delay = 1_000 * MS, 50 * MS
+    merger.push(b, [rec(now - 500 * MS)])
+    merger.push(a, [rec(now - 300 * MS)])
+    assert merger.release(merger.watermark(now, delay)) == []
+    merger.end_stream(a)
+    assert merger.release(merger.watermark(now, delay)) == []
+    assert merger.push(b, [rec(now - 400 * MS)]) == []  # not late
+    unread.clear()
+    released = merger.release(merger.watermark(now, delay))
+    assert [ts for ts, _ in released] == [now - 500 * MS, now - 400 * MS, now - 300 * MS]
 
 
 def test_bytes_unread_do_not_hold_an_ended_stream_or_lift_a_mark() -> None:

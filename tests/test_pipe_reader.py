@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 
 import pytest
 
-from ddump.cli.pipe_reader import PIPE_SIZE, READ_SIZE, PipeReader, pipe
+from ddump.cli.pipe_reader import READ_SIZE, PipeReader
 from ddump.cli.unread import UnreadProbe
 
 
@@ -101,13 +100,41 @@ def test_what_the_consumer_raises_ends_the_read() -> None:
         asyncio.run(main())
 
 
-def test_a_childs_pipe_holds_a_mebibyte_where_the_system_allows() -> None:
-    read_end, write_end = pipe()
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as limit:
-            allowed = int(limit.read()) >= PIPE_SIZE
-        size = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
-        assert size == PIPE_SIZE if allowed else size > 0
-    finally:
-        os.close(read_end)
+def test_a_pipe_counts_as_unread_only_once_it_is_being_read() -> None:
+    # ssh writes tcpdump's pcap header before its "listening" line is seen: until the capture
+    # reads its pipe, those bytes must not hold the merge (nobody would read them yet).
+    async def main() -> tuple[list[int], list[int]]:
+        probe = UnreadProbe()
+        read_end, write_end = os.pipe()
+        reader = PipeReader(read_end, probe.slot(5))
+        os.write(write_end, b"header")
+        before = probe.streams()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        running = asyncio.ensure_future(reader.run(lambda chunk: ready))
+        await asyncio.sleep(0.01)
+        os.write(write_end, b"more")  # the consumer is busy: it waits, and counts
+        during = probe.streams()
+        ready.set_result(None)
         os.close(write_end)
+        await running
+        probe.close()
+        return before, during
+
+    assert asyncio.run(main()) == ([], [5])
+
+
+def test_a_consumer_future_cancelled_ends_the_read_instead_of_hanging() -> None:
+    async def main() -> None:
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"x")
+        reader = PipeReader(read_end)
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, waiting.cancel)
+        try:
+            await asyncio.wait_for(reader.run(lambda chunk: waiting), 5)
+        finally:
+            os.close(write_end)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 
 from ddump.cli.unread import UnreadProbe
+from tests.conftest import require
 
 
 def test_a_descriptor_counts_while_bytes_wait_in_it_and_an_end_counts_until_read() -> None:
@@ -56,3 +58,24 @@ def test_a_forgotten_descriptor_number_used_again_does_not_count_for_the_old_str
         probe.close()
         os.close(again)
         os.close(writer)
+
+
+def test_more_than_a_thousand_descriptors_with_bytes_all_count() -> None:
+    # epoll gives at most FD_SETSIZE - 1 (1,023) events a call unless told otherwise.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * 1_100 + 64
+    require(hard >= want, f"needs {want} open files (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    probe = UnreadProbe()
+    pipes = [os.pipe() for _ in range(1_100)]
+    try:
+        for stream, (read_end, write_end) in enumerate(pipes):
+            probe.slot(stream).watch(read_end)
+            os.write(write_end, b"x")
+        assert sorted(probe.streams()) == list(range(1_100))
+    finally:
+        probe.close()
+        for read_end, write_end in pipes:
+            os.close(read_end)
+            os.close(write_end)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -271,8 +271,9 @@ class HttpConnection:
         self._waiting = False
         if self._body is None or self._body.done():
             return
-        if done.cancelled() or done.exception() is not None:
-            self._finish(done.exception() or asyncio.CancelledError())
+        error = asyncio.CancelledError() if done.cancelled() else done.exception()
+        if error is not None:
+            self._finish(error)
             return
         self._read()  # most likely there is more: read it now, not after a loop pass
 

@@ -10,27 +10,14 @@ sees it (ddump/cli/unread.py), and the consumer's readiness reads it at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
 
 from ddump.cli.sources import DataCallback
 from ddump.cli.unread import UnreadSlot
 
 READ_SIZE = 256 * 1024
-# What a child may write ahead of our reads (the kernel's default is 64 KiB; 1 MiB is what an
-# unprivileged process may ask for by default): ~1 s of a busy capture's records.
-PIPE_SIZE = 1 << 20
 _BUFFER = bytearray(READ_SIZE)  # shared: the loop runs one callback at a time
 _VIEW = memoryview(_BUFFER)
-
-
-def pipe() -> tuple[int, int]:
-    """(read end, write end) of a new pipe, made PIPE_SIZE large where the system allows."""
-    read_end, write_end = os.pipe()
-    with contextlib.suppress(OSError):  # fs.pipe-max-size, or the user's pipe quota
-        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return read_end, write_end
 
 
 class PipeReader:
@@ -44,13 +31,13 @@ class PipeReader:
         self._deliver: DataCallback | None = None
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._watching = False
-        if unread is not None:
-            unread.watch(fd)
 
     async def run(self, deliver: DataCallback) -> None:
         """Hand on every read until the pipe's end; what `deliver`, or what it returned,
         raised. The pipe is closed when this returns."""
         self._deliver = deliver
+        if self._unread is not None and self.fd >= 0:
+            self._unread.watch(self.fd)  # from now on it is read: its bytes may hold the merge
         try:
             self._read()
             await self._done
@@ -101,8 +88,9 @@ class PipeReader:
     def _ready(self, done: asyncio.Future[None]) -> None:
         if self._done.done():
             return
-        if done.cancelled() or done.exception() is not None:
-            self._done.set_exception(done.exception() or asyncio.CancelledError())
+        error = asyncio.CancelledError() if done.cancelled() else done.exception()
+        if error is not None:
+            self._done.set_exception(error)
             return
         self._read()  # most likely there is more: read it now, not after a loop pass
 

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Awaitable
 
-from ddump.cli.pipe_reader import PipeReader, pipe
+from ddump.cli.pipe_reader import PipeReader
 from ddump.cli.sources import DataCallback, Opened, OpenedCallback, StreamFailure
 from ddump.cli.ssh_connections import (
     CONNECTIONS,
@@ -134,19 +134,22 @@ class SshStream:
     ) -> None:
         target = self.target
         sent_ns = time.time_ns()
-        read_end, write_end = pipe()  # its stdout: read by PipeReader, not a StreamReader
+        try:  # its stdout: read by PipeReader, not a StreamReader (see pipe_reader.py)
+            read_end, write_end = os.pipe()
+        except OSError as exc:
+            raise StreamFailure(f"cannot start ssh: {exc.strerror}") from None
         try:
             process = self._process = await spawn(
                 session_argv(target, control_path, self.connect_timeout_s),
                 stdin=subprocess.PIPE,
                 stdout=write_end,
             )
+            stdout = PipeReader(read_end, self.unread)
         except BaseException:
             os.close(read_end)
             raise
         finally:
             os.close(write_end)
-        stdout = PipeReader(read_end, self.unread)
         assert process.stdin is not None
         process.stdin.write(remote_script(target).encode("utf-8"))
         try:

@@ -21,6 +21,7 @@ class UnreadProbe:
         self._epoll: select.epoll | None = None
         self._owners: dict[int, int] = {}  # descriptor -> stream
         self._buffered: set[int] = set()  # streams whose bytes wait above the descriptor
+        self._closed = False
 
     def slot(self, stream: int) -> UnreadSlot:
         """Where one stream's source says which descriptor its bytes arrive on."""
@@ -31,10 +32,13 @@ class UnreadProbe:
         if self._epoll is None or not self._owners:
             return list(self._buffered)
         owners = self._owners
-        ready = [owners[fd] for fd, _ in self._epoll.poll(0) if fd in owners]
+        # poll() gives at most FD_SETSIZE - 1 events unless told: 1,024 targets and more
+        events = self._epoll.poll(0, len(owners))
+        ready = [owners[fd] for fd, _ in events if fd in owners]
         return [*ready, *self._buffered] if self._buffered else ready
 
     def close(self) -> None:
+        self._closed = True
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
@@ -42,10 +46,13 @@ class UnreadProbe:
         self._buffered.clear()
 
     def add(self, fd: int, stream: int) -> None:
+        if self._closed:  # the session is over: nobody asks any more
+            return
         if self._epoll is None:
             self._epoll = select.epoll()
         if fd in self._owners:
-            self._epoll.unregister(fd)
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
         self._epoll.register(fd, select.EPOLLIN)
         self._owners[fd] = stream
 
