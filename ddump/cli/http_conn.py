@@ -208,9 +208,10 @@ class HttpConnection:
                 break
         if got:
             self._received(bytes(_READ_BUFFER[:got]))
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and self._unread is not None:
-            self._unread.buffered(got == READ_SIZE and sock.pending() > 0)  # left decrypted
+        if self._tls and self._unread is not None:  # a full read may leave some decrypted
+            sock = self.sock
+            assert isinstance(sock, ssl.SSLSocket)
+            self._unread.buffered(got == READ_SIZE and sock.pending() > 0)
         if lost:
             self._lost(error)
         elif self._wants_data:

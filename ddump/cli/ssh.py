@@ -151,18 +151,14 @@ class SshStream:
         finally:
             os.close(write_end)
         assert process.stdin is not None
-        process.stdin.write(remote_script(target).encode("utf-8"))
-        try:
-            with contextlib.suppress(ConnectionError):
-                await process.stdin.drain()
-        except BaseException:
-            stdout.close()
-            raise
         reader = asyncio.ensure_future(self._read_stderr(process))
         # A session that makes its own connection first has ssh's ConnectTimeout too (ssh's
         # own failure comes first, and names the host).
         grace_s = LISTEN_GRACE_S if self.shared else LISTEN_GRACE_S + self.connect_timeout_s + 5
         try:
+            process.stdin.write(remote_script(target).encode("utf-8"))
+            with contextlib.suppress(ConnectionError):
+                await process.stdin.drain()
             if not await self._wait_until_listening(grace_s):
                 self._stop_remote()
                 await self._ended(process)
