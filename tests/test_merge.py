@@ -325,17 +325,40 @@ def test_wait_ns_for_a_busy_streams_own_newest_record_is_its_idle_term() -> None
     assert [ts for ts, _ in merger.release(merger.watermark(now + wait, delay))] == [now - MS]
 
 
+def started_pair(merger: Merger, a_at: int, b_at: int) -> tuple[int, int]:
+    """Streams a and b, started, each with one record (b's pushed first)."""
+    a, b = merger.add_stream("a"), merger.add_stream("b")
+    merger.start_stream(a)
+    merger.start_stream(b)
+    merger.push(b, [rec(b_at)])
+    merger.push(a, [rec(a_at)])
+    return a, b
+
+
+def quiet_b_unread_behind_a(unread: set[int]) -> tuple[Merger, int, int, int, int]:
+    """Streams a and b started; b sent a record 500 ms ago and has more unread (`unread`
+    says which streams have bytes unread), a one 300 ms ago. (merger, a, b, now, max delay)."""
+    merger = Merger(unread=lambda: unread)
+    now, delay = 1_000 * MS, 50 * MS
+    a, b = started_pair(merger, now - 300 * MS, now - 500 * MS)
+    return merger, a, b, now, delay
+
+
+def asking(answer: list[int], asked: list[int]) -> Merger:
+    """A merger whose question for bytes unread answers `answer`, noting each time in `asked`."""
+
+    def unread() -> list[int]:
+        asked.append(1)
+        return answer
+
+    return Merger(unread=unread)
+
+
 def test_a_quiet_stream_with_bytes_unread_holds_the_others_until_they_are_read() -> None:
     # A CLI short of CPU: b's records wait in its socket, older than now - max delay. Its idle
     # term would let a's records out first, and then every one of b's would be late.
     unread = {1}
-    merger = Merger(unread=lambda: unread)
-    a, b = merger.add_stream("a"), merger.add_stream("b")
-    merger.start_stream(a)
-    merger.start_stream(b)
-    now, delay = 1_000 * MS, 50 * MS
-    merger.push(b, [rec(now - 500 * MS)])
-    merger.push(a, [rec(now - 300 * MS)])
+    merger, _, b, now, delay = quiet_b_unread_behind_a(unread)
 
     mark = merger.watermark(now, delay)
     assert [ts for ts, _ in merger.release(mark)] == []
@@ -355,18 +378,9 @@ def test_streams_that_all_sent_lately_are_not_asked_for_bytes_unread() -> None:
     # 1,024 targets at 10 packets/s: each sent within --max-delay, so each one's mark is its
     # newest record already, and bytes unread cannot lower it: no probe per release.
     asked: list[int] = []
-
-    def unread() -> list[int]:
-        asked.append(1)
-        return [0, 1]
-
-    merger = Merger(unread=unread)
-    a, b = merger.add_stream("a"), merger.add_stream("b")
-    merger.start_stream(a)
-    merger.start_stream(b)
+    merger = asking([0, 1], asked)
     now, delay = 1_000 * MS, 250 * MS
-    merger.push(a, [rec(now - 100 * MS)])
-    merger.push(b, [rec(now - 50 * MS)])
+    started_pair(merger, now - 100 * MS, now - 50 * MS)
     assert merger.watermark(now, delay) == now - 100 * MS - 1
     assert asked == []
     assert merger.watermark(now + 200 * MS, delay) == now - 100 * MS - 1  # a crossed: asked
@@ -375,12 +389,7 @@ def test_streams_that_all_sent_lately_are_not_asked_for_bytes_unread() -> None:
 
 def test_a_busy_stream_alone_is_not_asked_for_bytes_unread() -> None:
     asked: list[int] = []
-
-    def unread() -> list[int]:
-        asked.append(1)
-        return [0]
-
-    merger = Merger(unread=unread)
+    merger = asking([0], asked)
     a = merger.add_stream("a")
     merger.start_stream(a)
     merger.push(a, [rec(990 * MS)])
@@ -392,13 +401,7 @@ def test_an_ended_streams_held_records_wait_for_the_unread_bytes_of_the_one_left
     # a ends (its count reached) with a record still held; b, the only live stream left, has
     # older records unread: a's record must wait for them, or they would all be late.
     unread = {1}
-    merger = Merger(unread=lambda: unread)
-    a, b = merger.add_stream("a"), merger.add_stream("b")
-    merger.start_stream(a)
-    merger.start_stream(b)
-    now, delay = 1_000 * MS, 50 * MS
-    merger.push(b, [rec(now - 500 * MS)])
-    merger.push(a, [rec(now - 300 * MS)])
+    merger, a, b, now, delay = quiet_b_unread_behind_a(unread)
     assert merger.release(merger.watermark(now, delay)) == []
     merger.end_stream(a)
     assert merger.release(merger.watermark(now, delay)) == []
